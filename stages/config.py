@@ -1,0 +1,163 @@
+"""Typed stage configs: dataclass defaults < YAML config file < ``key=value`` overrides.
+
+Every stage declares one dataclass. Each field has a default and help text
+(``field(metadata={"help": ...})``); ``__post_init__`` validates ranges and raises
+:class:`~stages.errors.ConfigError` naming the field and the value. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from typing import Any, Literal, TypeVar
+
+import fsspec
+import yaml
+
+from stages.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def help_field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and help text (lists get a fresh copy per instance)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def load_config(cls: type[C], config_uri: str | None, overrides: list[str]) -> C:
+    """Build ``cls`` from an optional YAML file and ``key=value`` overrides, then validate it."""
+    values: dict[str, Any] = {}
+    if config_uri:
+        values.update(_read_yaml(config_uri))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        values[key.strip()] = raw
+    return build_config(cls, values)
+
+
+def build_config(cls: type[C], values: dict[str, Any]) -> C:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}{hint}")
+        kwargs[key] = coerce(hints[key], value, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without a default is missing
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def describe(cls: type) -> str:
+    """The ``--help`` text: every field with its type, default and help."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name}={default!r}  ({_type_name(hints[f.name])})")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def coerce(tp: Any, value: Any, name: str) -> Any:
+    """Convert a YAML value or a command-line string to the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(inner[0], value, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r} must be a list")
+        return [coerce(item_type, v, name) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} must be an integer") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        try:
+            result = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} must be a number") from None
+        if result != result or result in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
+        return result
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} for field {name}")
+
+
+def _read_yaml(uri: str) -> dict[str, Any]:
+    try:
+        with fsspec.open(uri, "r", encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {uri!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {uri!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {uri!r} must hold a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds (used by ``__post_init__``)."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_run_id(name: str, value: str) -> None:
+    """Run ids and model names become path segments: keep them to a safe alphabet."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value) or ".." in value:
+        raise ConfigError(
+            f"{name}={value!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+

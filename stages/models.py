@@ -1,0 +1,89 @@
+"""Loading base models, tokenizers and adapters the same way in every stage.
+
+A base model is named by a URI of a folder saved with ``save_pretrained`` (the artifact store) or by
+a Hugging Face model id (production clusters with hub access). Devices and precision are picked
+once here: bf16 on a GPU that supports it, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from stages import store
+from stages.errors import UserError
+
+# Stages run offline unless the platform says otherwise: no surprise downloads in a pod.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def is_uri(name: str) -> bool:
+    return "://" in name or name.startswith(("/", "."))
+
+
+@contextmanager
+def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
+    """A local folder (or a hub id) that ``from_pretrained`` accepts, for a URI or a hub id."""
+    if not is_uri(name):
+        yield name
+        return
+    uri = store.normalize_uri(name, field)
+    config_uri = store.join(uri, "config.json")
+    if not store.exists(config_uri):
+        raise UserError(f"{field}={name!r} is not a saved model: {config_uri} does not exist")
+    with store.local_copy(uri) as path:
+        yield str(path)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("device='cuda' but no GPU is visible to this process")
+    return torch.device(requested)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if use_bf16 else torch.float32
+    if precision == "bf16" and device.type == "cpu":
+        raise UserError("precision='bf16' is for GPUs; use precision=fp32 (or auto) on CPU")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device)
+
+
+def check_adapter_matches(adapter_path: Path, base_sha256: str, base_model: str) -> None:
+    """Refuse an adapter trained on another base model, before loading any weights."""
+    info_file = adapter_path / "training_base.json"
+    if not info_file.exists():
+        raise UserError(f"adapter at {adapter_path} has no training_base.json; was it made by train_lora?")
+    trained_on = json.loads(info_file.read_text())
+    if trained_on.get("sha256") != base_sha256:
+        raise UserError(
+            f"adapter was trained on base model {trained_on.get('base_model')!r} "
+            f"(content {str(trained_on.get('sha256'))[:12]}), but base_model={base_model!r} "
+            f"has content {base_sha256[:12]}: they do not match"
+        )

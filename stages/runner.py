@@ -1,0 +1,192 @@
+"""The stage contract in one function: every ``python -m stages.<name>`` goes through :func:`run_stage`.
+
+    load config -> resolve inputs -> cache check -> work -> commit manifest -> print result
+
+Exit codes: 0 done (or cache hit), 2 the user's mistake (message, no traceback),
+143 preempted after saving a checkpoint (SIGTERM), 1 anything else (a bug or the infrastructure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from stages import manifest, store
+from stages.config import check_run_id, config_to_dict, describe, help_field, load_config
+from stages.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143
+log = logging.getLogger("stages")
+
+
+class Preempted(Exception):
+    """The stage saved its state on SIGTERM; it exits non-zero so the orchestrator retries it."""
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """Fields every stage shares: where artifacts live and which run this is."""
+
+    artifact_root: str = help_field("./artifacts", "URI under which every run's artifacts live (file://, s3://, gs://, abfs://).")
+    run_id: str = help_field("dev", "Run name; outputs go to <artifact_root>/runs/<run_id>/<stage>/.")
+
+    # Fields that change how a stage runs but not what it produces: left out of the cache key.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.artifact_root = store.normalize_uri(self.artifact_root, "artifact_root").rstrip("/")
+        check_run_id("run_id", self.run_id)
+
+    def run_uri(self, *parts: str) -> str:
+        return store.join(self.artifact_root, "runs", self.run_id, *parts)
+
+    def output_uri(self, stage: str) -> str:
+        """Where this stage commits its outputs (a stage with shards overrides it)."""
+        return self.run_uri(stage)
+
+    def resolve_input(self, field: str, default_stage: str) -> None:
+        """An empty input field means "the output of <default_stage> in this run"."""
+        value = getattr(self, field)
+        setattr(self, field, store.normalize_uri(value, field) if value else self.run_uri(default_stage))
+
+
+@dataclass
+class StageRun:
+    """What a stage's work function gets besides its config."""
+
+    name: str
+    out_uri: str
+    scratch: Path
+    inputs: dict[str, Any]
+
+    def output(self, *parts: str) -> str:
+        return store.join(self.out_uri, *parts)
+
+
+def run_stage(
+    name: str,
+    config_cls: type[StageConfig],
+    inputs: Callable[[Any], dict[str, str]],
+    work: Callable[[Any, StageRun], dict[str, Any]],
+    argv: list[str] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}",
+        description=f"Run the {name} stage. Settings: dataclass default < --config file < key=value.",
+        epilog="settings:\n" + describe(config_cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file (or URI) of settings")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(message)s",
+                        stream=sys.stderr, force=True)
+    try:
+        return _run(name, config_cls, inputs, work, args.config, args.overrides)
+    except UserError as exc:
+        log.error("%s", exc)
+        print(f"error: {name}: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Preempted as exc:
+        log.warning("preempted: %s", exc)
+        return EXIT_PREEMPTED
+
+
+def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
+    started = time.time()
+    config = load_config(config_cls, config_uri, overrides)
+    resolved = config_to_dict(config)
+    log.info("config: %s", json.dumps(resolved, sort_keys=True))
+    out_uri = config.output_uri(name)
+
+    input_uris = inputs_fn(config)
+    input_hashes = {}
+    for field, uri in input_uris.items():
+        try:
+            input_hashes[field] = manifest.hash_input(uri) if "://" in uri else {"id": uri, "sha256": uri}
+        except FileNotFoundError:
+            raise UserError(f"{field}={uri!r} does not exist (or holds no files)") from None
+    code = manifest.code_version()
+    keyed = {k: v for k, v in resolved.items() if k not in config_cls.OPERATIONAL}
+    key = manifest.cache_key(name, keyed, input_hashes, code)
+
+    existing = manifest.read(out_uri)
+    if existing is not None:
+        if existing.get("cache_key") == key:
+            log.info("cache hit: %s is committed for the same inputs, config and code; nothing to do", out_uri)
+            _report(name, out_uri, existing, cache_hit=True)
+            return 0
+        raise UserError(
+            f"{out_uri} is already committed for different inputs, config or code "
+            f"(cache key {existing.get('cache_key', '?')[:12]} != {key[:12]}); use a new run_id, "
+            f"or delete {out_uri} to recompute"
+        )
+
+    _check_writable(out_uri)
+    _clear_uncommitted(out_uri)
+    with tempfile.TemporaryDirectory(prefix=f"stage-{name}-") as scratch:
+        run = StageRun(name=name, out_uri=out_uri, scratch=Path(scratch), inputs=input_hashes)
+        try:
+            metrics = work(config, run)
+        except (Preempted, KeyboardInterrupt):
+            raise
+        except BaseException:
+            _clear_uncommitted(out_uri)  # nothing half-written stays behind
+            raise
+    committed = manifest.commit(out_uri, {
+        "stage": name,
+        "cache_key": key,
+        "config": resolved,
+        "inputs": input_hashes,
+        "code": code,
+        "metrics": metrics,
+        "timings": {"started_at": started, "seconds": round(time.time() - started, 3)},
+    })
+    log.info("committed %s in %.1fs", store.join(out_uri, manifest.MANIFEST), time.time() - started)
+    _report(name, out_uri, committed, cache_hit=False)
+    return 0
+
+
+def _check_writable(out_uri: str) -> None:
+    probe = store.join(out_uri, ".write-probe")
+    try:
+        store.write_bytes(probe, b"")
+        store.remove(probe)
+    except (UserError, OSError) as exc:
+        raise UserError(f"artifact_root is not writable at {out_uri!r}: {exc}") from None
+
+
+def _clear_uncommitted(out_uri: str) -> None:
+    """Remove leftovers of an earlier, uncommitted attempt (checkpoints are kept for resuming)."""
+    for rel in manifest.output_files(out_uri):
+        store.remove(store.join(out_uri, rel))
+
+
+def _report(name: str, out_uri: str, committed: dict[str, Any], cache_hit: bool) -> None:
+    """The small result that goes to the orchestrator (XCom): paths and metrics, never data."""
+    result = {
+        "stage": name,
+        "cache_hit": cache_hit,
+        "output_uri": out_uri,
+        "manifest_uri": store.join(out_uri, manifest.MANIFEST),
+        "metrics": committed.get("metrics", {}),
+    }
+    text = json.dumps(result, sort_keys=True)
+    print(text, flush=True)
+    if path := os.environ.get("STAGE_RESULT_PATH"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+
+
+def config_fields(config_cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_cls)]

