@@ -50,10 +50,14 @@ class BaseModelConfig(StageConfig):
         check(self.vocab_size >= 300, f"vocab_size={self.vocab_size} must be >= 300 (256 bytes + merges)")
         for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size", "seq_len"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
-        check(self.hidden_size % self.num_heads == 0,
-              f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        check(self.seq_len <= self.context_length,
-              f"seq_len={self.seq_len} must be <= context_length={self.context_length}")
+        check(
+            self.hidden_size % self.num_heads == 0,
+            f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}",
+        )
+        check(
+            self.seq_len <= self.context_length,
+            f"seq_len={self.seq_len} must be <= context_length={self.context_length}",
+        )
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
 
 
@@ -79,11 +83,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                   model_max_length=context_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=context_length
+    )
 
 
 def build(config: BaseModelConfig, run: StageRun) -> dict:
@@ -95,29 +104,42 @@ def build(config: BaseModelConfig, run: StageRun) -> dict:
     tokenizer = train_tokenizer(texts, config.vocab_size, config.context_length)
     ids = [i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]]
     data = torch.tensor(ids, dtype=torch.long)
-    log.info("tokenizer: %d tokens of vocabulary, corpus %d tokens (%.1fs)", len(tokenizer), len(data), time.time() - started)
+    log.info(
+        "tokenizer: %d tokens of vocabulary, corpus %d tokens (%.1fs)", len(tokenizer), len(data), time.time() - started
+    )
     if len(data) <= config.seq_len + 1:
-        raise UserError(f"corpus_uri={config.corpus_uri!r} is too small: {len(data)} tokens for seq_len={config.seq_len}")
+        raise UserError(
+            f"corpus_uri={config.corpus_uri!r} is too small: {len(data)} tokens for seq_len={config.seq_len}"
+        )
 
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.hidden_size * 8 // 3,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads, max_position_embeddings=config.context_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.hidden_size * 8 // 3,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            max_position_embeddings=config.context_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+    )
     params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", params / 1e6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     warmup = max(1, config.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / config.steps)))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))))
+    )
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(1, config.steps + 1):
         starts = torch.randint(0, len(data) - config.seq_len - 1, (config.batch_size,), generator=generator)
-        batch = torch.stack([data[s:s + config.seq_len] for s in starts.tolist()])
+        batch = torch.stack([data[s : s + config.seq_len] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,8 +157,12 @@ def build(config: BaseModelConfig, run: StageRun) -> dict:
     tokenizer.save_pretrained(model_dir)
     store.upload_dir(model_dir, run.output("model"))
     log.info("base model: final loss %.3f, saved to %s", final_loss, run.output("model"))
-    return {"parameters": params, "corpus_tokens": len(data), "final_loss": round(final_loss, 4),
-            "pretrain_seconds": round(time.time() - started, 2)}
+    return {
+        "parameters": params,
+        "corpus_tokens": len(data),
+        "final_loss": round(final_loss, 4),
+        "pretrain_seconds": round(time.time() - started, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

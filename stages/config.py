@@ -78,9 +78,9 @@ def coerce(tp: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return coerce(inner[0], value, name)
     if origin is Literal:
@@ -160,4 +160,3 @@ def check_run_id(name: str, value: str) -> None:
             f"{name}={value!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
         )
-

@@ -74,8 +74,7 @@ def read(out_uri: str) -> dict[str, Any] | None:
 
 
 def output_files(out_uri: str) -> list[str]:
-    return [f for f in store.list_files(out_uri) if f != MANIFEST and not f.startswith(NOT_OUTPUTS)
-            and "/." not in f]
+    return [f for f in store.list_files(out_uri) if f != MANIFEST and not f.startswith(NOT_OUTPUTS) and "/." not in f]
 
 
 def commit(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:

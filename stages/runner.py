@@ -16,9 +16,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from stages import manifest, store
 from stages.config import check_run_id, config_to_dict, describe, help_field, load_config
@@ -37,7 +38,9 @@ class Preempted(Exception):
 class StageConfig:
     """Fields every stage shares: where artifacts live and which run this is."""
 
-    artifact_root: str = help_field("./artifacts", "URI under which every run's artifacts live (file://, s3://, gs://, abfs://).")
+    artifact_root: str = help_field(
+        "./artifacts", "URI under which every run's artifacts live (file://, s3://, gs://, abfs://)."
+    )
     run_id: str = help_field("dev", "Run name; outputs go to <artifact_root>/runs/<run_id>/<stage>/.")
 
     # Fields that change how a stage runs but not what it produces: left out of the cache key.
@@ -68,6 +71,9 @@ class StageRun:
     out_uri: str
     scratch: Path
     inputs: dict[str, Any]
+    cache_key: str
+    # Working state (such as checkpoints) to delete once the manifest is committed.
+    remove_after_commit: list[str] = dataclasses.field(default_factory=list)
 
     def output(self, *parts: str) -> str:
         return store.join(self.out_uri, *parts)
@@ -89,8 +95,9 @@ def run_stage(
     parser.add_argument("--config", help="YAML file (or URI) of settings")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(message)s", stream=sys.stderr, force=True
+    )
     try:
         return _run(name, config_cls, inputs, work, args.config, args.overrides)
     except UserError as exc:
@@ -135,7 +142,7 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
     _check_writable(out_uri)
     _clear_uncommitted(out_uri)
     with tempfile.TemporaryDirectory(prefix=f"stage-{name}-") as scratch:
-        run = StageRun(name=name, out_uri=out_uri, scratch=Path(scratch), inputs=input_hashes)
+        run = StageRun(name=name, out_uri=out_uri, scratch=Path(scratch), inputs=input_hashes, cache_key=key)
         try:
             metrics = work(config, run)
         except (Preempted, KeyboardInterrupt):
@@ -143,16 +150,21 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
         except BaseException:
             _clear_uncommitted(out_uri)  # nothing half-written stays behind
             raise
-    committed = manifest.commit(out_uri, {
-        "stage": name,
-        "cache_key": key,
-        "config": resolved,
-        "inputs": input_hashes,
-        "code": code,
-        "metrics": metrics,
-        "timings": {"started_at": started, "seconds": round(time.time() - started, 3)},
-    })
+    committed = manifest.commit(
+        out_uri,
+        {
+            "stage": name,
+            "cache_key": key,
+            "config": resolved,
+            "inputs": input_hashes,
+            "code": code,
+            "metrics": metrics,
+            "timings": {"started_at": started, "seconds": round(time.time() - started, 3)},
+        },
+    )
     log.info("committed %s in %.1fs", store.join(out_uri, manifest.MANIFEST), time.time() - started)
+    for uri in run.remove_after_commit:
+        store.remove(uri)
     _report(name, out_uri, committed, cache_hit=False)
     return 0
 
@@ -186,7 +198,3 @@ def _report(name: str, out_uri: str, committed: dict[str, Any], cache_hit: bool)
     if path := os.environ.get("STAGE_RESULT_PATH"):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
-
-
-def config_fields(config_cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(config_cls)]

@@ -18,9 +18,10 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -78,7 +79,9 @@ def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, UserError):
             raise
         except PermissionError:
-            raise UserError(f"permission denied to {what} {uri!r}: check the artifact root and its credentials") from None
+            raise UserError(
+                f"permission denied to {what} {uri!r}: check the artifact root and its credentials"
+            ) from None
         except (OSError, ConnectionError, TimeoutError) as exc:
             if attempt == RETRIES:
                 raise StoreError(f"could not {what} {uri!r} after {RETRIES} attempts: {exc}") from exc
@@ -144,7 +147,7 @@ def list_files(uri: str) -> list[str]:
         return []
     found = _retry("list", uri, lambda: fs.find(path))
     root = path.rstrip("/") + "/"
-    return sorted(p[len(root):] for p in found if p.startswith(root))
+    return sorted(p[len(root) :] for p in found if p.startswith(root))
 
 
 def list_dirs(uri: str) -> list[str]:

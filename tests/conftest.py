@@ -46,15 +46,25 @@ def folio_corpus(texts_dir: Path, tmp_path_factory) -> Path:
 def tiny_base_model(base_corpus: Path, tmp_path_factory) -> str:
     """URI of a freshly pretrained ~1M-parameter Llama-style model with its BPE tokenizer."""
     root = tmp_path_factory.mktemp("base_artifacts")
-    run_stage_cli("base_model", f"artifact_root={root}", "run_id=tiny", f"corpus_uri={base_corpus}",
-                  "vocab_size=1024", "steps=200", "batch_size=16", "seq_len=128", "context_length=128")
+    run_stage_cli(
+        "base_model",
+        f"artifact_root={root}",
+        "run_id=tiny",
+        f"corpus_uri={base_corpus}",
+        "vocab_size=1024",
+        "steps=200",
+        "batch_size=16",
+        "seq_len=128",
+        "context_length=128",
+    )
     return f"file://{root}/runs/tiny/base_model/model"
 
 
 def run_stage_cli(stage: str, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m stages.<stage> args...`` as a real process, as every runtime does."""
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ROOT, capture_output=True,
-                          text=True, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *args], cwd=ROOT, capture_output=True, text=True, **kwargs
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"stages.{stage} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc

@@ -1,0 +1,86 @@
+"""Training checkpoints in the artifact store that survive spot preemption.
+
+    <stage output>/checkpoints/step-00000120/{adapter_model.safetensors, optimizer.pt, ..., COMPLETE.json}
+
+A checkpoint is uploaded file by file, then ``COMPLETE.json`` (every file's sha256) last, as one
+object. A checkpoint without it, or whose files no longer match it (a truncated upload, a corrupted
+object), is skipped in favour of the previous one: a partial checkpoint is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+from stages import store
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE.json"
+_NAME = re.compile(r"step-(\d{8})")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(local_dir: Path, checkpoints_uri: str, step: int, fingerprint: str) -> str:
+    """Upload a local checkpoint folder as ``step-<step>``; the completion marker goes last."""
+    uri = store.join(checkpoints_uri, f"step-{step:08d}")
+    store.remove(uri)  # leftovers of an attempt that died mid-upload
+    files = {p.name: _file_sha256(p) for p in sorted(local_dir.iterdir()) if p.is_file()}
+    for name in files:
+        store.upload_file(local_dir / name, store.join(uri, name))
+    marker = {"step": step, "fingerprint": fingerprint, "files": files}
+    store.write_text(store.join(uri, MARKER), json.dumps(marker, indent=2))
+    return uri
+
+
+def newest_complete(checkpoints_uri: str, fingerprint: str, download_to: Path) -> tuple[int, Path] | None:
+    """Download the newest checkpoint that is complete, intact and made for this run's config."""
+    steps = sorted(
+        (int(m.group(1)) for d in store.list_dirs(checkpoints_uri) if (m := _NAME.fullmatch(d))), reverse=True
+    )
+    for step in steps:
+        uri = store.join(checkpoints_uri, f"step-{step:08d}")
+        try:
+            marker = json.loads(store.read_text(store.join(uri, MARKER)))
+        except FileNotFoundError:
+            log.warning("checkpoint %s has no %s (interrupted upload); skipping it", uri, MARKER)
+            continue
+        except ValueError:
+            log.warning("checkpoint %s has an unreadable %s; skipping it", uri, MARKER)
+            continue
+        if marker.get("fingerprint") != fingerprint:
+            log.warning("checkpoint %s was made for other inputs or config; skipping it", uri)
+            continue
+        target = download_to / f"step-{step:08d}"
+        target.mkdir(parents=True, exist_ok=True)
+        intact = True
+        for name, digest in marker["files"].items():
+            local = target / name
+            try:
+                local.write_bytes(store.read_bytes(store.join(uri, name)))
+            except FileNotFoundError:
+                intact = False
+                break
+            if _file_sha256(local) != digest:
+                intact = False
+                break
+        if intact:
+            return step, target
+        log.warning("checkpoint %s is corrupt (a file is missing or does not match its hash); skipping it", uri)
+    return None
+
+
+def prune(checkpoints_uri: str, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; delete older ones."""
+    steps = sorted(int(m.group(1)) for d in store.list_dirs(checkpoints_uri) if (m := _NAME.fullmatch(d)))
+    for step in steps[:-keep] if keep > 0 else steps:
+        store.remove(store.join(checkpoints_uri, f"step-{step:08d}"))
