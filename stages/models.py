@@ -24,14 +24,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def is_uri(name: str) -> bool:
-    return "://" in name or name.startswith(("/", "."))
-
-
 @contextmanager
 def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
     """A local folder (or a hub id) that ``from_pretrained`` accepts, for a URI or a hub id."""
-    if not is_uri(name):
+    if not store.is_uri(name):
         yield name
         return
     uri = store.normalize_uri(name, field)

@@ -119,8 +119,11 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
     input_uris = inputs_fn(config)
     input_hashes = {}
     for field, uri in input_uris.items():
+        if not store.is_uri(uri):  # a hub model id: its name is its identity
+            input_hashes[field] = {"id": uri, "sha256": uri}
+            continue
         try:
-            input_hashes[field] = manifest.hash_input(uri) if "://" in uri else {"id": uri, "sha256": uri}
+            input_hashes[field] = manifest.hash_input(store.normalize_uri(uri, field))
         except FileNotFoundError:
             raise UserError(f"{field}={uri!r} does not exist (or holds no files)") from None
     code = manifest.code_version()

@@ -50,6 +50,11 @@ def normalize_uri(uri: str, field: str = "uri") -> str:
     return uri
 
 
+def is_uri(name: str) -> bool:
+    """A URI or a local path, as opposed to a hub id such as ``org/model``."""
+    return "://" in name or name.startswith(("/", "."))
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 

@@ -68,3 +68,18 @@ def run_stage_cli(stage: str, *args: str, check: bool = True, **kwargs) -> subpr
     if check and proc.returncode != 0:
         raise AssertionError(f"stages.{stage} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def finetune_run(tiny_base_model: str, folio_corpus: Path, tmp_path_factory) -> dict:
+    """A run with committed ``tokenize`` and ``train_lora`` outputs on the First Folio texts.
+
+    Returns the common stage arguments: ``artifact_root``, ``run_id`` and ``base_model``.
+    Tests must not write into this run (make their own run_id under the same root instead).
+    """
+    root = tmp_path_factory.mktemp("finetune_artifacts")
+    common = {"artifact_root": str(root), "run_id": "ft", "base_model": tiny_base_model}
+    args = [f"{k}={v}" for k, v in common.items()]
+    run_stage_cli("tokenize", *args, f"input_uri={folio_corpus}", "block_size=128", "min_chars=20")
+    run_stage_cli("train_lora", *args, "max_steps=40", "learning_rate=2e-3", "checkpoint_every=20")
+    return common

@@ -1,0 +1,176 @@
+"""The stage contract shared by every stage: config precedence, the manifest commit marker, caching."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from stages import manifest, store
+from stages.config import check, help_field, load_config
+from stages.errors import ConfigError, UserError
+from stages.runner import StageConfig, run_stage
+
+
+@dataclass(kw_only=True)
+class EchoConfig(StageConfig):
+    source: str = help_field("", "A file to copy.")
+    repeat: int = help_field(1, "How many copies.")
+    scale: float = help_field(1.0, "A number.")
+    tags: list[str] = help_field(["a"], "A list.")
+    mode: Literal["fast", "slow"] = help_field("fast", "An enum.")
+    fail_with: str = help_field("", "Raise this after writing one output (for failure tests).")
+
+    OPERATIONAL = frozenset({"scale"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.repeat > 0, f"repeat={self.repeat} must be > 0")
+
+
+def echo(config: EchoConfig, run) -> dict:
+    data = store.read_bytes(config.source)
+    for i in range(config.repeat):
+        store.write_bytes(run.output(f"copy-{i}.txt"), data)
+        if config.fail_with == "user":
+            raise UserError("source has a problem the user must fix")
+        if config.fail_with == "crash":
+            raise RuntimeError("a bug")
+    return {"bytes": len(data) * config.repeat}
+
+
+def run_echo(*args: str) -> int:
+    return run_stage("echo", EchoConfig, lambda c: {"source": c.source}, echo, list(args))
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "in.txt"
+    path.write_text("hello")
+    return path
+
+
+def test_precedence_is_default_then_file_then_override(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("repeat: 3\nscale: 2.5\ntags: [x, y]\n")
+    config = load_config(EchoConfig, str(config_file), ["repeat=4", "mode=slow"])
+    assert (config.repeat, config.scale, config.tags, config.mode) == (4, 2.5, ["x", "y"], "slow")
+    assert load_config(EchoConfig, None, ["tags=p,q"]).tags == ["p", "q"]
+    assert load_config(EchoConfig, None, ["scale=1e-4"]).scale == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("repaet=2", "unknown config key 'repaet' for EchoConfig; did you mean 'repeat'?"),
+        ("repeat=two", "repeat='two' must be an integer"),
+        ("repeat=0", "repeat=0 must be > 0"),
+        ("scale=nan", "scale='nan' must be a finite number"),
+        ("mode=medium", "mode='medium' is not one of ['fast', 'slow']"),
+        ("run_id=../../etc", "run_id='../../etc' must be"),
+        ("artifact_root=ftp://host/x", "artifact_root='ftp://host/x' uses scheme 'ftp'"),
+        ("novalue", "override 'novalue' is not of the form key=value"),
+    ],
+)
+def test_bad_config_names_the_field_and_value(override, message):
+    with pytest.raises(UserError, match=None) as exc:
+        load_config(EchoConfig, None, [override])
+    assert message in str(exc.value)
+
+
+def test_config_file_must_be_a_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(EchoConfig, str(bad), [])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(EchoConfig, str(tmp_path / "missing.yaml"), [])
+
+
+def test_manifest_is_written_last_and_records_inputs_outputs_config(tmp_path, source, capsys):
+    assert run_echo(f"artifact_root={tmp_path}/art", f"source={source}", "repeat=2") == 0
+    out = tmp_path / "art/runs/dev/echo"
+    committed = json.loads((out / "manifest.json").read_text())
+    assert sorted(committed["outputs"]) == ["copy-0.txt", "copy-1.txt"]
+    assert committed["inputs"]["source"]["sha256"] == manifest.hash_input(f"file://{source}")["sha256"]
+    assert committed["config"]["repeat"] == 2
+    assert committed["metrics"] == {"bytes": 10}
+    assert committed["code"]["source_sha256"]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["cache_hit"] is False and result["metrics"] == {"bytes": 10}
+
+
+def test_second_run_is_a_cache_hit_that_touches_nothing(tmp_path, source, capsys):
+    args = (f"artifact_root={tmp_path}/art", f"source={source}")
+    assert run_echo(*args) == 0
+    out = tmp_path / "art/runs/dev/echo"
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    # scale is operational: it does not change the cache key
+    assert run_echo(*args, "scale=3") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cache_hit"] is True
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_changed_input_with_same_run_id_is_refused_not_overwritten(tmp_path, source, capsys):
+    args = (f"artifact_root={tmp_path}/art", f"source={source}")
+    assert run_echo(*args) == 0
+    source.write_text("changed")
+    assert run_echo(*args) == 2
+    assert "already committed for different inputs" in capsys.readouterr().err
+    assert (tmp_path / "art/runs/dev/echo/copy-0.txt").read_text() == "hello"
+
+
+@pytest.mark.parametrize(("fail_with", "code"), [("user", 2), ("crash", None)])
+def test_failed_stage_leaves_no_output_and_no_manifest(tmp_path, source, fail_with, code, capsys):
+    args = (f"artifact_root={tmp_path}/art", f"source={source}", f"fail_with={fail_with}")
+    if code is None:
+        with pytest.raises(RuntimeError):
+            run_echo(*args)
+    else:
+        assert run_echo(*args) == code
+        assert "error: echo: source has a problem" in capsys.readouterr().err
+    out = tmp_path / "art/runs/dev/echo"
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+
+
+def test_leftovers_of_a_killed_attempt_are_never_committed(tmp_path, source):
+    out = tmp_path / "art/runs/dev/echo"
+    out.mkdir(parents=True)
+    (out / "stale-partial.bin").write_bytes(b"half")
+    assert manifest.read(f"file://{out}") is None  # no manifest: not committed
+    assert run_echo(f"artifact_root={tmp_path}/art", f"source={source}") == 0
+    assert sorted(json.loads((out / "manifest.json").read_text())["outputs"]) == ["copy-0.txt"]
+    assert not (out / "stale-partial.bin").exists()
+
+
+def test_missing_input_and_unwritable_root_exit_2(tmp_path, source, capsys):
+    assert run_echo(f"artifact_root={tmp_path}/art", f"source={tmp_path}/nope.txt") == 2
+    assert "source=" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root can write anywhere; the permission check needs a normal user
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert run_echo(f"artifact_root={locked}", f"source={source}") == 2
+        assert "not writable" in capsys.readouterr().err
+    assert run_echo("artifact_root=/proc/genai-not-writable", f"source={source}") == 2
+    assert "artifact_root is not writable" in capsys.readouterr().err
+
+
+def test_atomic_write_never_leaves_a_temp_file(tmp_path):
+    target = f"file://{tmp_path}/m.json"
+    store.write_text(target, "{}")
+    store.write_text(target, '{"a": 1}')
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    assert store.read_text(target) == '{"a": 1}'
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_echo("--help")
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("artifact_root", "run_id", "source", "repeat", "tags", "mode"):
+        assert f"{name}=" in text
