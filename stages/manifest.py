@@ -22,12 +22,20 @@ MANIFEST = "manifest.json"
 NOT_OUTPUTS = ("checkpoints/", ".")
 
 
-def code_version() -> dict[str, str]:
-    """The package version plus a hash of the stage source, so any code change invalidates caches."""
+def code_version(stage_file: str) -> dict[str, str]:
+    """The package version plus a hash of the code a stage runs: its own module and the shared library.
+
+    Other stages' modules (files with a ``__main__`` block) are left out, so that changing one stage
+    does not invalidate every other stage's cache.
+    """
     h = hashlib.sha256()
+    stage = Path(stage_file).resolve()
     for path in sorted(Path(__file__).parent.glob("*.py")):
+        source = path.read_bytes()
+        if path.resolve() != stage and b'if __name__ == "__main__":' in source:
+            continue
         h.update(path.name.encode())
-        h.update(path.read_bytes())
+        h.update(source)
     version = {"package": __version__, "source_sha256": h.hexdigest()}
     if os.environ.get("STAGE_IMAGE"):
         version["image"] = os.environ["STAGE_IMAGE"]

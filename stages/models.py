@@ -12,11 +12,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from stages import store
 from stages.errors import UserError
+
+if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
+    import torch
 
 # Stages run offline unless the platform says otherwise: no surprise downloads in a pod.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,6 +41,8 @@ def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    import torch
+
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
@@ -47,6 +51,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if precision == "auto":
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if use_bf16 else torch.float32

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -126,7 +127,7 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
             input_hashes[field] = manifest.hash_input(store.normalize_uri(uri, field))
         except FileNotFoundError:
             raise UserError(f"{field}={uri!r} does not exist (or holds no files)") from None
-    code = manifest.code_version()
+    code = manifest.code_version(inspect.getsourcefile(work))
     keyed = {k: v for k, v in resolved.items() if k not in config_cls.OPERATIONAL}
     key = manifest.cache_key(name, keyed, input_hashes, code)
 
@@ -185,6 +186,12 @@ def _clear_uncommitted(out_uri: str) -> None:
     """Remove leftovers of an earlier, uncommitted attempt (checkpoints are kept for resuming)."""
     for rel in manifest.output_files(out_uri):
         store.remove(store.join(out_uri, rel))
+    if store.is_local(out_uri):  # object stores have no empty folders; local disk keeps them
+        root = store.local_path(out_uri)
+        for folder in sorted(root.glob("**/"), reverse=True):
+            working_state = folder.relative_to(root).parts[:1] == ("checkpoints",)
+            if not working_state and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _report(name: str, out_uri: str, committed: dict[str, Any], cache_hit: bool) -> None:
