@@ -89,9 +89,13 @@ def inputs(config: TrainLoraConfig) -> dict[str, str]:
 class PreemptionNotice:
     """SIGTERM (the spot notice, or a pod deletion) only raises a flag; the loop checkpoints at the next step."""
 
-    def __init__(self) -> None:
+    def __enter__(self) -> PreemptionNotice:
         self.received = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("SIGTERM received: checkpointing at the end of this step")
@@ -155,12 +159,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def train(config: TrainLoraConfig, run: StageRun) -> dict:
+    with PreemptionNotice() as notice:
+        return train_until_done_or_preempted(config, run, notice)
+
+
+def train_until_done_or_preempted(config: TrainLoraConfig, run: StageRun, notice: PreemptionNotice) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     from tqdm import tqdm
     from transformers import get_scheduler
 
-    notice = PreemptionNotice()
     device = models.pick_device(config.device)
     dtype = models.pick_dtype(config.precision, device)
     blocks = load_blocks(config.dataset_uri)
