@@ -77,8 +77,24 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device):
     return model.to(device)
 
 
-def check_adapter_matches(adapter_path: Path, base_sha256: str, base_model: str) -> None:
-    """Refuse an adapter trained on another base model, before loading any weights."""
+@contextmanager
+def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator[Path]:
+    """The local PEFT adapter folder of a train_lora output, a published model or a bare adapter folder.
+
+    An adapter trained on another base model is refused here, before any weights load.
+    """
+    with store.local_copy(adapter_uri) as path:
+        folder = path / "adapter" if (path / "adapter" / "adapter_config.json").exists() else path
+        if not (folder / "adapter_config.json").exists():
+            raise UserError(
+                f"adapter_uri={adapter_uri!r} holds no PEFT adapter (no adapter/adapter_config.json "
+                "or adapter_config.json); give a train_lora output or a published model"
+            )
+        _check_adapter_matches(folder, base_sha256, base_model)
+        yield folder
+
+
+def _check_adapter_matches(adapter_path: Path, base_sha256: str, base_model: str) -> None:
     info_file = adapter_path / "training_base.json"
     if not info_file.exists():
         raise UserError(f"adapter at {adapter_path} has no training_base.json; was it made by train_lora?")

@@ -183,9 +183,16 @@ def _check_writable(out_uri: str) -> None:
 
 
 def _clear_uncommitted(out_uri: str) -> None:
-    """Remove leftovers of an earlier, uncommitted attempt (checkpoints are kept for resuming)."""
-    for rel in manifest.output_files(out_uri):
-        store.remove(store.join(out_uri, rel))
+    """Remove leftovers of an earlier, uncommitted attempt.
+
+    Checkpoints are kept for resuming, and sub-folders committed on their own (such as the shards of
+    a sharded stage) are not leftovers.
+    """
+    files = manifest.output_files(out_uri)
+    committed = {rel.rsplit("/", 1)[0] + "/" for rel in files if rel.endswith("/" + manifest.MANIFEST)}
+    for rel in files:
+        if not rel.startswith(tuple(committed)):
+            store.remove(store.join(out_uri, rel))
     if store.is_local(out_uri):  # object stores have no empty folders; local disk keeps them
         root = store.local_path(out_uri)
         for folder in sorted(root.glob("**/"), reverse=True):

@@ -1,0 +1,414 @@
+"""Batch inference: complete every prompt of a JSONL file with the base model + LoRA adapter.
+
+    python -m stages.batch_infer base_model=s3://bucket/models/base run_id=exp1 prompts_uri=s3://bucket/prompts.jsonl
+
+Reads ``{"id": ..., "prompt": ...}`` records, generates a completion for each (greedy by default) in
+length-sorted, left-padded batches, and writes ``predictions.jsonl`` in input order:
+
+    {"id": ..., "completion": "...", "prompt_tokens": 17, "completion_tokens": 64}
+    {"id": ..., "completion": "...", "prompt_tokens": 192, "completion_tokens": 64, "truncated": true}
+
+``truncated`` appears only for prompts cut from the left to leave room for ``max_new_tokens`` in the
+model's context; ``completion_tokens`` does not count the end-of-text token that stopped a completion.
+Greedy completions equal those of an unbatched ``model.generate`` on each prompt (up to float near-ties).
+
+Sharding for fan-out: with ``num_shards=n`` the task ``shard_index=i`` takes records
+``[i*N//n, (i+1)*N//n)`` of the N records and commits under
+``<artifact_root>/runs/<run_id>/batch_infer/shard-<i:05d>-of-<n:05d>/`` with its own manifest.
+Every shard validates the whole file, so all shards agree on what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from stages import manifest, models, store
+from stages.config import check, help_field
+from stages.errors import UserError
+from stages.runner import StageConfig, StageRun, run_stage
+
+log = logging.getLogger("stages.batch_infer")
+NO_ADAPTER = "none"
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+SHARD_PREFIX = "shard-"
+
+
+@dataclass(kw_only=True)
+class BatchInferConfig(StageConfig):
+    base_model: str = help_field("", "Base model: URI of a save_pretrained folder, or a hub model id.")
+    adapter_uri: str = help_field(
+        "", "Output of train_lora (or a PEFT adapter folder); empty means this run's; 'none' means the bare base model."
+    )
+    prompts_uri: str = help_field(
+        "", "JSONL of prompts, one {id_field: ..., prompt_field: ...} object per line: a file, folder or glob."
+    )
+    id_field: str = help_field("id", "Key of each record's unique id (a string or an integer).")
+    prompt_field: str = help_field("prompt", "Key of each record's prompt text.")
+    shard_index: int = help_field(0, "Which shard of the prompts this task completes (0-based).")
+    num_shards: int = help_field(1, "How many shards the prompts are split into (contiguous slices of records).")
+    batch_size: int = help_field(64, "Prompts per generate call.")
+    max_new_tokens: int = help_field(64, "Most tokens generated per prompt (generation also stops at end-of-text).")
+    do_sample: bool = help_field(False, "false: greedy decoding; true: sample with temperature / top_p / top_k.")
+    temperature: float = help_field(1.0, "Sampling temperature (with do_sample=true).")
+    top_p: float = help_field(1.0, "Nucleus sampling mass (with do_sample=true); 1 disables it.")
+    top_k: int = help_field(0, "Sample from the k most likely tokens (with do_sample=true); 0 disables it.")
+    seed: int = help_field(0, "Seed for sampling.")
+    merge_adapter: bool = help_field(True, "Merge the LoRA weights into the base model before generating (faster).")
+    precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
+    device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to run the model.")
+
+    OPERATIONAL = frozenset({"device"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(bool(self.base_model), "base_model is required: a model URI or hub id")
+        if store.is_uri(self.base_model):
+            self.base_model = store.normalize_uri(self.base_model, "base_model")
+        if self.adapter_uri.strip().lower() == NO_ADAPTER:
+            self.adapter_uri = NO_ADAPTER
+        else:
+            self.resolve_input("adapter_uri", "train_lora")
+        check(bool(self.prompts_uri), "prompts_uri is required: a JSONL file of prompts")
+        self.prompts_uri = store.normalize_uri(self.prompts_uri, "prompts_uri")
+        check(bool(self.id_field), "id_field must not be empty")
+        check(bool(self.prompt_field), "prompt_field must not be empty")
+        check(1 <= self.num_shards <= 99_999, f"num_shards={self.num_shards} must be in [1, 99999]")
+        check(
+            0 <= self.shard_index < self.num_shards,
+            f"shard_index={self.shard_index} must be in [0, num_shards={self.num_shards})",
+        )
+        check(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
+        check(self.max_new_tokens > 0, f"max_new_tokens={self.max_new_tokens} must be > 0")
+        check(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        check(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+        check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it)")
+
+    def output_uri(self, stage: str) -> str:
+        if self.num_shards > 1:
+            return self.run_uri(stage, shard_name(self.shard_index, self.num_shards))
+        return self.run_uri(stage)
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"{SHARD_PREFIX}{index:05d}-of-{count:05d}"
+
+
+def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
+    """Records [start, stop) of shard ``index``: contiguous, and every record in exactly one shard."""
+    return index * total // count, (index + 1) * total // count
+
+
+def inputs(config: BatchInferConfig) -> dict[str, str]:
+    check_layout(config)
+    uris = {"base_model": config.base_model, "prompts_uri": config.prompts_uri}
+    if config.adapter_uri != NO_ADAPTER:
+        uris["adapter_uri"] = config.adapter_uri
+    return uris
+
+
+def check_layout(config: BatchInferConfig) -> None:
+    """One run_id holds either one unsharded output or shard folders, never both.
+
+    Checked here because the runner clears uncommitted files under the output folder before the work
+    starts, and an unsharded run would take the committed shard folders below it for leftovers.
+    """
+    stage_uri = config.run_uri("batch_infer")
+    if config.num_shards == 1:
+        shards = [d for d in store.list_dirs(stage_uri) if d.startswith(SHARD_PREFIX)]
+        if shards:
+            raise UserError(
+                f"{stage_uri} already holds sharded outputs ({shards[0]}, ...): run num_shards=1 under a new run_id"
+            )
+    elif manifest.read(stage_uri) is not None:
+        raise UserError(f"{stage_uri} already holds an unsharded output: run num_shards>1 under a new run_id")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading prompts: streamed, validated in full, only this shard's records kept
+
+
+class Prompt(NamedTuple):
+    index: int  # 0-based record index over all files
+    where: str  # "<file> line <n>"
+    id: str | int
+    text: str
+
+
+def prompt_files(uri: str) -> list[str]:
+    """The JSONL file, or every file of a folder or glob in sorted order (records follow that order)."""
+    try:
+        files = store.expand(uri)
+    except FileNotFoundError:
+        raise UserError(f"prompts_uri={uri!r} does not exist") from None
+    if not files:
+        raise UserError(f"prompts_uri={uri!r} matches no files")
+    return files
+
+
+def _records(files: list[str]) -> Iterator[tuple[str, int, bytes]]:
+    """(file, line number, raw line) of every non-blank line, file after file; blank lines are not records."""
+    for file in files:
+        with store.open_file(file, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                if raw.strip():
+                    yield file, number, raw
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
+    """This shard's prompts in input order, and the number of records in all of prompts_uri.
+
+    Two streaming passes: one counts the records (the shard bounds need the total), one validates every
+    record and keeps this shard's. Only the ids of other shards are held (to find duplicates).
+    """
+    files = prompt_files(config.prompts_uri)
+    total = sum(1 for _ in _records(files))
+    if total == 0:
+        raise UserError(f"prompts_uri={config.prompts_uri!r} is empty: no prompts to complete")
+    start, stop = shard_bounds(total, config.shard_index, config.num_shards)
+    seen: dict[str, tuple[str, int]] = {}
+    kept: list[Prompt] = []
+    for index, (file, number, raw) in enumerate(_records(files)):
+        where = f"{file} line {number}"
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{where}: not valid UTF-8: {_show(raw)}") from None
+        except ValueError as exc:
+            raise UserError(f"{where}: not valid JSON ({exc}): {_show(raw.decode('utf-8').rstrip())}") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: a record must be a JSON object, not {_show(obj)}")
+        if config.id_field not in obj:
+            raise UserError(f"{where}: no {config.id_field!r} field (id_field) in {_show(obj)}")
+        record_id = obj[config.id_field]
+        if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+            raise UserError(f"{where}: {config.id_field!r} is {_show(record_id)}; ids must be strings or integers")
+        key = json.dumps(record_id)
+        if key in seen:
+            first_file, first_line = seen[key]
+            first = f"line {first_line}" if first_file == file else f"{first_file} line {first_line}"
+            raise UserError(f"{where}: duplicate {config.id_field} {_show(record_id)} (first on {first})")
+        seen[key] = (file, number)
+        if config.prompt_field not in obj:
+            raise UserError(f"{where}: no {config.prompt_field!r} field (prompt_field) in {_show(obj)}")
+        text = obj[config.prompt_field]
+        if not isinstance(text, str):
+            raise UserError(f"{where}: {config.prompt_field!r} is {_show(text)}, not a string")
+        if start <= index < stop:
+            kept.append(Prompt(index, where, record_id, text))
+    return kept, total
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def context_length(model_config: Any, tokenizer: Any) -> int:
+    """The longest sequence the model takes: its (text) config's positions, else the tokenizer's limit."""
+    config = getattr(model_config, "text_config", None) or model_config
+    for attr in CONTEXT_ATTRS:
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 1_000_000_000:
+        return int(limit)
+    raise UserError("cannot tell the base model's context length: no max_position_embeddings in its config")
+
+
+def encode_prompts(tokenizer, texts: list[str], limit: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids per prompt (with the tokenizer's usual special tokens), cut from the left to ``limit``.
+
+    A leading BOS that the tokenizer adds is kept when the prompt is cut: the model expects it first.
+    An empty prompt starts from BOS (or end-of-text), as a document does: generate() needs one token.
+    """
+    encoded = tokenizer(texts, return_attention_mask=False, verbose=False)["input_ids"] if texts else []
+    bos = tokenizer.bos_token_id
+    start = bos if bos is not None else tokenizer.eos_token_id
+    ids, truncated = [], []
+    for tokens in encoded:
+        if not tokens:
+            tokens = [start]
+        cut = len(tokens) > limit
+        if cut:
+            keeps_bos = bos is not None and tokens[0] == bos and limit > 1
+            tokens = [bos, *tokens[len(tokens) - limit + 1 :]] if keeps_bos else tokens[len(tokens) - limit :]
+        ids.append(tokens)
+        truncated.append(cut)
+    return ids, truncated
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+@torch.inference_mode()
+def generate_completions(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    device: torch.device | None = None,
+) -> tuple[list[list[int]], int]:
+    """Generated token ids per prompt (in the given order, cut before the first stop token), and the batch count.
+
+    Prompts run longest first in batches of similar length, left-padded with attention masks so every
+    prompt's last token sits at the same position and generate() derives positions from the mask.
+    """
+    device = device or next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    stops = stop_token_ids(model, tokenizer)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
+    outputs: list[list[int]] = [[] for _ in prompt_ids]
+    batches = 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        padded = tokenizer.pad({"input_ids": [prompt_ids[i] for i in chunk]}, padding=True, return_tensors="pt")
+        generated = model.generate(
+            input_ids=padded["input_ids"].to(device),
+            attention_mask=padded["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stops or None,
+            **({"do_sample": False} | sampling),
+        )
+        width = padded["input_ids"].shape[1]
+        for row, i in zip(generated[:, width:].tolist(), chunk, strict=True):
+            end = next((k for k, token in enumerate(row) if token in stops), len(row))
+            outputs[i] = row[:end]
+        batches += 1
+    return outputs, batches
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def load(config: BatchInferConfig, run: StageRun, device: torch.device, dtype: torch.dtype):
+    if config.adapter_uri == NO_ADAPTER:
+        with models.model_dir(config.base_model) as base_path:
+            return models.load_model(base_path, dtype, device), models.load_tokenizer(base_path)
+    from peft import PeftModel
+
+    with models.adapter_dir(config.adapter_uri, run.inputs["base_model"]["sha256"], config.base_model) as adapter_path:
+        with models.model_dir(config.base_model) as base_path:
+            base = models.load_model(base_path, dtype, device)
+            tokenizer = models.load_tokenizer(base_path)
+        model = PeftModel.from_pretrained(base, str(adapter_path)).to(device)
+    if config.merge_adapter:
+        model = model.merge_and_unload()
+    return model, tokenizer
+
+
+def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
+    prompts, total = read_prompts(config)
+    log.info(
+        "shard %d of %d: records %d..%d of %d in %s",
+        config.shard_index, config.num_shards, *shard_bounds(total, config.shard_index, config.num_shards),
+        total, config.prompts_uri,
+    )  # fmt: skip
+    device = models.pick_device(config.device)
+    dtype = models.pick_dtype(config.precision, device)
+    model, tokenizer = load(config, run, device, dtype)
+    model.eval()
+
+    context = context_length(model.config, tokenizer)
+    limit = context - config.max_new_tokens
+    if limit < 1:
+        raise UserError(
+            f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in base_model's context of {context}"
+        )
+    prompt_ids, truncated = encode_prompts(tokenizer, [p.text for p in prompts], limit)
+    if any(truncated):
+        log.warning("%d prompts longer than %d tokens were cut from the left", sum(truncated), limit)
+
+    torch.manual_seed(config.seed)  # sampling draws from the global generator
+    started = time.perf_counter()
+    completions, batches = generate_completions(
+        model,
+        tokenizer,
+        prompt_ids,
+        batch_size=config.batch_size,
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        device=device,
+    )
+    seconds = time.perf_counter() - started
+
+    out_file = run.scratch / "predictions.jsonl"
+    with out_file.open("w", encoding="utf-8") as fh:
+        for prompt, ids, tokens, cut in zip(prompts, prompt_ids, completions, truncated, strict=True):
+            record = {
+                "id": prompt.id,
+                "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(tokens),
+            }
+            if cut:
+                record["truncated"] = True
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sanity_check(out_file, prompts)
+    store.upload_file(out_file, run.output("predictions.jsonl"))
+
+    generated = sum(len(c) for c in completions)
+    metrics = {
+        "prompts": len(prompts),
+        "records_in_file": total,
+        "shard_index": config.shard_index,
+        "num_shards": config.num_shards,
+        "prompt_tokens": sum(len(ids) for ids in prompt_ids),
+        "generated_tokens": generated,
+        "tokens_per_second": round(generated / max(seconds, 1e-9), 1),
+        "generate_seconds": round(seconds, 3),
+        "batches": batches,
+        "truncated_prompts": sum(truncated),
+        "adapter": config.adapter_uri,
+        "device": str(device),
+        "precision": str(dtype).removeprefix("torch."),
+    }
+    log.info(
+        "completed %d prompts in %d batches: %d tokens generated, %.0f tokens/s, %d prompts truncated",
+        len(prompts), batches, generated, metrics["tokens_per_second"], metrics["truncated_prompts"],
+    )  # fmt: skip
+    return metrics
+
+
+def sanity_check(out_file: Path, prompts: list[Prompt]) -> None:
+    """Read the predictions back: one per prompt, same ids, same order."""
+    with out_file.open(encoding="utf-8") as fh:
+        ids = [json.loads(line)["id"] for line in fh]
+    if ids != [p.id for p in prompts]:
+        raise RuntimeError(f"predictions.jsonl holds {len(ids)} ids that do not match the {len(prompts)} prompts")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("batch_infer", BatchInferConfig, inputs, batch_infer, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

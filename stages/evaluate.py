@@ -1,0 +1,511 @@
+"""Held-out perplexity of the base model and of base + LoRA adapter, a quality gate, and a small report.
+
+    python -m stages.evaluate base_model=s3://bucket/models/base run_id=exp1 min_relative_improvement=0.02
+
+Scores every document of ``validation_docs.jsonl`` (written by ``tokenize``) the way
+lm-evaluation-harness 0.4.x scores ``loglikelihood_rolling`` tasks (wikitext and friends): the same
+tokenization, the same rolling windows, the same word and byte counts, so the numbers here are the
+numbers ``lm_eval --model hf --model_args pretrained=<base>,peft=<adapter>`` prints for a task over
+the same documents. Outputs under ``<artifact_root>/runs/<run_id>/evaluate/``:
+
+    metrics.json      base and adapted perplexities, relative improvement, quality gate verdict
+    samples.jsonl     greedy completions of the adapted and the base model for held-out prompts
+    loss_curve.png    training loss from the adapter run's train_log.jsonl
+    perplexity.png    perplexity before / after
+    report.md         a human summary of all of the above
+
+The stage reports a failed quality gate (``metrics.quality_gate.passed`` is false) and still exits 0:
+the DAG decides what a failed gate means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from stages import models, store
+from stages.config import check, help_field
+from stages.errors import UserError
+from stages.runner import StageConfig, StageRun, run_stage
+
+log = logging.getLogger("stages.evaluate")
+
+PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
+# lm-eval's HFLM reads the context length from the first of these config attributes that exists.
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+HF_UNSET_MAX_LENGTH = 1000000000000000019884624838656  # what transformers puts in model_max_length when unset
+LM_EVAL_DEFAULT_MAX_LENGTH = 2048
+SAMPLE_PROMPT_TOKENS = 32
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(StageConfig):
+    base_model: str = help_field("", "Base model: URI of a save_pretrained folder, or a hub model id.")
+    adapter_uri: str = help_field("", "Output of train_lora (or a PEFT adapter folder); empty means this run's.")
+    dataset_uri: str = help_field("", "Output of tokenize (its validation_docs.jsonl); empty means this run's.")
+    max_eval_docs: int = help_field(0, "Score only the first N held-out documents; 0 scores all of them.")
+    batch_size: int = help_field(8, "Token windows per forward pass.")
+    max_length: int = help_field(
+        0, "Tokens per scoring window; 0 takes the model's context length (max_position_embeddings), as lm-eval does."
+    )
+    gate_metric: Literal["word_perplexity", "byte_perplexity", "token_perplexity"] = help_field(
+        "word_perplexity", "Metric the quality gate compares."
+    )
+    min_relative_improvement: float = help_field(
+        0.02, "Gate passes when (base - adapted) / base of gate_metric is at least this (negative allows a loss)."
+    )
+    num_samples: int = help_field(4, "Held-out prompts to complete with both models for samples.jsonl.")
+    sample_max_new_tokens: int = help_field(32, "New tokens per sample completion (greedy).")
+    precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
+    device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to run the models.")
+    seed: int = help_field(0, "Seed for torch (the evaluation itself is deterministic).")
+
+    # Batching changes only float rounding of the scores (far below the digits reported).
+    OPERATIONAL = frozenset({"batch_size", "device"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(bool(self.base_model), "base_model is required: a model URI or hub id")
+        if store.is_uri(self.base_model):
+            self.base_model = store.normalize_uri(self.base_model, "base_model")
+        self.resolve_input("adapter_uri", "train_lora")
+        self.resolve_input("dataset_uri", "tokenize")
+        check(self.max_eval_docs >= 0, f"max_eval_docs={self.max_eval_docs} must be >= 0 (0 means all)")
+        check(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
+        check(
+            self.max_length == 0 or self.max_length >= 2,
+            f"max_length={self.max_length} must be 0 (the model's context) or >= 2",
+        )
+        check(
+            -1 <= self.min_relative_improvement < 1,
+            f"min_relative_improvement={self.min_relative_improvement} must be in [-1, 1): "
+            "a relative improvement of perplexity cannot reach 1",
+        )
+        check(self.num_samples >= 0, f"num_samples={self.num_samples} must be >= 0")
+        check(self.sample_max_new_tokens > 0, f"sample_max_new_tokens={self.sample_max_new_tokens} must be > 0")
+
+
+def inputs(config: EvaluateConfig) -> dict[str, str]:
+    return {"base_model": config.base_model, "adapter_uri": config.adapter_uri, "dataset_uri": config.dataset_uri}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rolling windows, as lm-evaluation-harness 0.4.x builds them for loglikelihood_rolling.
+# Mirrors ``lm_eval.utils.get_rolling_token_windows`` and ``lm_eval.utils.make_disjoint_window``
+# (https://github.com/EleutherAI/lm-evaluation-harness/blob/main/lm_eval/utils.py) and the way
+# ``lm_eval.models.huggingface.HFLM.loglikelihood_rolling`` / ``_loglikelihood_tokens`` use them.
+
+
+def rolling_token_windows(
+    token_list: list[int], prefix_token: int, max_seq_len: int, context_len: int
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(input tokens, tokens to predict) pairs covering ``token_list``; score the last len(pred) logits.
+
+    The first window predicts up to ``max_seq_len`` tokens after ``prefix_token``; each later window
+    predicts the next ``max_seq_len - context_len + 1`` tokens (fewer at the end), conditioned on the
+    ``max_seq_len`` tokens before its last prediction. Every token is predicted exactly once.
+    """
+    assert 1 <= context_len <= max_seq_len
+    if not token_list:
+        return
+    pred_len = max_seq_len - context_len + 1  # +1: input position i predicts token i + 1
+    predicted = min(max_seq_len, len(token_list))
+    yield [prefix_token, *token_list[: predicted - 1]], token_list[:predicted]
+    while predicted < len(token_list):
+        window_pred_len = min(len(token_list) - predicted, pred_len)
+        window_end = predicted + window_pred_len
+        yield (
+            token_list[window_end - max_seq_len - 1 : window_end - 1],
+            token_list[window_end - window_pred_len : window_end],
+        )
+        predicted += window_pred_len
+
+
+def make_disjoint_window(pair: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """Cut the input so that context + continuation are consecutive, non-overlapping tokens."""
+    context, continuation = pair
+    return context[: len(context) - (len(continuation) - 1)], continuation
+
+
+def document_windows(
+    token_lists: list[list[int]], prefix_token: int, max_length: int
+) -> list[tuple[int, list[int], list[int]]]:
+    """(document index, context, continuation) for every window of every document."""
+    return [
+        (doc, *make_disjoint_window(pair))
+        for doc, tokens in enumerate(token_lists)
+        for pair in rolling_token_windows(tokens, prefix_token, max_seq_len=max_length, context_len=1)
+    ]
+
+
+@torch.inference_mode()
+def window_loglikelihoods(
+    model, windows: list[tuple[int, list[int], list[int]]], max_length: int, batch_size: int, device: torch.device
+) -> list[float]:
+    """Sum of log p(continuation | context) per window, batched across documents.
+
+    As HFLM._loglikelihood_tokens: the model input is ``(context + continuation)[-(max_length + 1):][:-1]``,
+    windows run longest first, right-padded; the last ``len(continuation)`` real positions are scored.
+    Right padding needs no attention mask in a causal model (no real position attends to a later one),
+    and the padded positions are never scored. Log-softmax is taken in float32 and summed in float64
+    (lm-eval stays in the model's dtype throughout: in fp32 the two differ by summation rounding, about
+    1e-4 on a 500-token document; in bf16 this is the more accurate of the two).
+    """
+    rows = [(context + continuation)[-(max_length + 1) :][:-1] for _, context, continuation in windows]
+    order = sorted(range(len(windows)), key=lambda i: (-len(rows[i]), i))
+    scores = [0.0] * len(windows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = len(rows[chunk[0]])
+        spans = [(len(rows[i]) - len(windows[i][2]), len(rows[i])) for i in chunk]  # scored positions
+        batch = torch.zeros((len(chunk), width), dtype=torch.long)
+        targets = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (i, (start_pos, end)) in enumerate(zip(chunk, spans, strict=True)):
+            batch[j, :end] = torch.tensor(rows[i], dtype=torch.long)
+            targets[j, start_pos:end] = torch.tensor(windows[i][2], dtype=torch.long)
+        logits = model(input_ids=batch.to(device)).logits
+        targets = targets.to(logits.device)
+        sums = []
+        for j, (start_pos, end) in enumerate(spans):
+            # one window at a time: a float32 copy of a whole batch's logits can be gigabytes
+            logprobs = logits[j, start_pos:end].float().log_softmax(dim=-1)
+            sums.append(logprobs.gather(1, targets[j, start_pos:end, None]).sum(dtype=torch.float64))
+        for i, value in zip(chunk, torch.stack(sums).tolist(), strict=True):  # one device sync per batch
+            scores[i] = value
+    return scores
+
+
+def document_loglikelihoods(
+    model, token_lists: list[list[int]], prefix_token: int, max_length: int, batch_size: int, device: torch.device
+) -> list[float]:
+    """lm-eval's loglikelihood_rolling for each document: the sum over its windows, in window order."""
+    windows = document_windows(token_lists, prefix_token, max_length)
+    totals = [0.0] * len(token_lists)
+    scores = window_loglikelihoods(model, windows, max_length, batch_size, device)
+    for (doc, _, _), score in zip(windows, scores, strict=True):
+        totals[doc] += score
+    return totals
+
+
+def count_words(text: str) -> int:
+    """lm-eval's perplexity tasks count words as ``len(re.split(r"\\s+", doc))`` (an empty doc is 1 word)."""
+    return len(re.split(r"\s+", text))
+
+
+def perplexities(loglikelihood: float, words: int, n_bytes: int, tokens: int) -> dict[str, float]:
+    """lm-eval's weighted_perplexity and bits_per_byte aggregations, plus per-token perplexity."""
+    return {
+        "word_perplexity": math.exp(-loglikelihood / words),
+        "byte_perplexity": math.exp(-loglikelihood / n_bytes),
+        "bits_per_byte": -loglikelihood / n_bytes / math.log(2),
+        "token_perplexity": math.exp(-loglikelihood / tokens),
+        "loglikelihood": loglikelihood,
+    }
+
+
+def relative_improvements(base: dict[str, float], adapted: dict[str, float]) -> dict[str, float]:
+    return {m: (base[m] - adapted[m]) / base[m] for m in PERPLEXITY_METRICS}
+
+
+def quality_gate(improvement: dict[str, float], metric: str, threshold: float) -> dict[str, Any]:
+    value = improvement[metric]
+    passed = value >= threshold
+    if value >= 0:
+        change = f"{metric} improved {value:.1%}"
+    else:
+        change = f"{metric} got worse by {-value:.1%}"
+    reason = f"{change} ({'>=' if passed else '<'} {threshold:.1%} required)"
+    return {"passed": passed, "reason": reason, "metric": metric, "threshold": threshold, "value": value}
+
+
+def context_length(model_config: Any, tokenizer: Any) -> int:
+    """HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the text model's
+    config first, then the tokenizer's model_max_length, then lm-eval's default of 2048."""
+    config = getattr(model_config, "text_config", None) or model_config
+    for attr in CONTEXT_ATTRS:
+        if getattr(config, attr, None) is not None:
+            return int(getattr(config, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and limit != HF_UNSET_MAX_LENGTH:
+        return int(limit)
+    return LM_EVAL_DEFAULT_MAX_LENGTH
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_documents(dataset_uri: str, max_docs: int) -> list[str]:
+    uri = store.join(dataset_uri, "validation_docs.jsonl")
+    docs: list[str] = []
+    try:
+        with store.open_file(uri, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = json.loads(raw)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"{uri} line {number}: not a JSON object with a 'text' string") from None
+                if not isinstance(text, str):
+                    raise UserError(f"{uri} line {number}: 'text' is {type(text).__name__}, not a string")
+                docs.append(text)
+                if max_docs and len(docs) == max_docs:
+                    break
+    except FileNotFoundError:
+        raise UserError(f"dataset_uri={dataset_uri!r} has no validation_docs.jsonl; is it a tokenize output?") from None
+    if not docs:
+        raise UserError(f"{uri} holds no documents to evaluate")
+    return docs
+
+
+def read_train_log(log_file: Path) -> list[dict[str, Any]]:
+    """The training loss history beside the adapter (train_lora and published models keep one)."""
+    if not log_file.exists():
+        return []
+    return [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples, plots, report
+
+
+@torch.inference_mode()
+def generate_samples(model, tokenizer, docs: list[str], config: EvaluateConfig, device: torch.device) -> list[dict]:
+    """Greedy completions of the first tokens of held-out documents, adapted and base side by side."""
+    samples = []
+    for text in docs:
+        if len(samples) == config.num_samples:
+            break
+        tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(tokens) < 8:
+            continue
+        n_prompt = min(SAMPLE_PROMPT_TOKENS, len(tokens) // 2)
+        prompt = torch.tensor([tokens[:n_prompt]], device=device)
+        kwargs = {
+            "attention_mask": torch.ones_like(prompt),
+            "max_new_tokens": config.sample_max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        adapted = model.generate(input_ids=prompt, **kwargs)[0, n_prompt:]
+        with model.disable_adapter():
+            base = model.generate(input_ids=prompt, **kwargs)[0, n_prompt:]
+        samples.append(
+            {
+                "prompt": tokenizer.decode(tokens[:n_prompt]),
+                "adapted": tokenizer.decode(adapted, skip_special_tokens=True),
+                "base": tokenizer.decode(base, skip_special_tokens=True),
+                "reference": tokenizer.decode(tokens[n_prompt : n_prompt + config.sample_max_new_tokens]),
+            }
+        )
+    return samples
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if history:
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], color="tab:blue", linewidth=1.5)
+    else:
+        ax.text(0.5, 0.5, "no train_log.jsonl beside the adapter", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def plot_perplexity(base: dict[str, float], adapted: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ("word_perplexity", "token_perplexity", "byte_perplexity")
+    fig, axes = plt.subplots(1, len(shown), figsize=(9, 3.5), dpi=100)
+    for ax, metric in zip(axes, shown, strict=True):
+        values = [base[metric], adapted[metric]]
+        bars = ax.bar(["base", "adapted"], values, color=["tab:gray", "tab:green"])
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values])
+        ax.set_title(metric.replace("_", " "))
+        ax.margins(y=0.15)
+    fig.suptitle("held-out perplexity (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def render_report(metrics: dict[str, Any], samples: list[dict], config: EvaluateConfig) -> str:
+    gate = metrics["quality_gate"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- base model: `{config.base_model}`",
+        f"- adapter: `{config.adapter_uri}`",
+        f"- held-out documents: {metrics['docs']} ({metrics['tokens']} tokens, {metrics['words']} words, "
+        f"{metrics['bytes']} bytes), scored in windows of {metrics['max_length']} tokens",
+        "",
+        f"## Quality gate: {'PASSED' if gate['passed'] else 'FAILED'}",
+        "",
+        gate["reason"] + ".",
+        "",
+        "## Perplexity",
+        "",
+        "| metric | base | adapted | relative improvement |",
+        "|---|---:|---:|---:|",
+    ]
+    for m in PERPLEXITY_METRICS:
+        base, adapted, rel = metrics["base"][m], metrics["adapted"][m], metrics["relative_improvement"][m]
+        lines.append(f"| {m} | {base:.4f} | {adapted:.4f} | {rel:+.2%} |")
+    lines += [
+        "",
+        "![perplexity before and after](perplexity.png)",
+        "",
+        "## Training loss",
+        "",
+        "![training loss](loss_curve.png)",
+        "",
+        "## Samples (greedy)",
+        "",
+    ]
+    if not samples:
+        lines.append("No samples were generated.")
+    for i, sample in enumerate(samples, 1):
+        lines += [
+            f"### Sample {i}",
+            "",
+            f"**Prompt:** {_quote(sample['prompt'])}",
+            "",
+            f"**Adapted:** {_quote(sample['adapted'])}",
+            "",
+            f"**Base:** {_quote(sample['base'])}",
+            "",
+            f"**Held-out text:** {_quote(sample['reference'])}",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _quote(text: str) -> str:
+    return "`" + " ".join(text.split()).replace("`", "'") + "`" if text.strip() else "*(empty)*"
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
+    from peft import PeftModel
+
+    torch.manual_seed(config.seed)
+    device = models.pick_device(config.device)
+    dtype = models.pick_dtype(config.precision, device)
+    docs = read_documents(config.dataset_uri, config.max_eval_docs)
+
+    with models.adapter_dir(config.adapter_uri, run.inputs["base_model"]["sha256"], config.base_model) as adapter:
+        history = read_train_log(adapter.parent / "train_log.jsonl")
+        with models.model_dir(config.base_model) as base_path:
+            tokenizer = models.load_tokenizer(base_path)
+            base = models.load_model(base_path, dtype, device)
+        model = PeftModel.from_pretrained(base, str(adapter)).to(device)
+    model.eval()
+
+    context = context_length(model.config, tokenizer)
+    max_length = config.max_length or context
+    if max_length > context:
+        raise UserError(f"max_length={config.max_length} is longer than base_model's context of {context} tokens")
+    prefix_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix_token is None:
+        raise UserError(f"base_model={config.base_model!r} has neither a bos nor an eos token to start documents with")
+
+    token_lists = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    tokens = sum(len(t) for t in token_lists)
+    words = sum(count_words(d) for d in docs)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    if tokens == 0:
+        raise UserError(f"the {len(docs)} held-out documents tokenize to nothing")
+    n_windows = len(document_windows(token_lists, prefix_token, max_length))
+    log.info(
+        "scoring %d documents (%d tokens, %d windows of <= %d tokens) with base and adapted model on %s/%s",
+        len(docs), tokens, n_windows, max_length, device, dtype,
+    )  # fmt: skip
+
+    started = time.perf_counter()
+    adapted_ll = document_loglikelihoods(model, token_lists, prefix_token, max_length, config.batch_size, device)
+    with model.disable_adapter():
+        base_ll = document_loglikelihoods(model, token_lists, prefix_token, max_length, config.batch_size, device)
+    seconds = time.perf_counter() - started
+
+    base_scores = perplexities(sum(base_ll), words, n_bytes, tokens)
+    adapted_scores = perplexities(sum(adapted_ll), words, n_bytes, tokens)
+    improvement = relative_improvements(base_scores, adapted_scores)
+    gate = quality_gate(improvement, config.gate_metric, config.min_relative_improvement)
+    metrics = {
+        "base": base_scores,
+        "adapted": adapted_scores,
+        "relative_improvement": improvement,
+        "quality_gate": gate,
+        "docs": len(docs),
+        "tokens": tokens,
+        "words": words,
+        "bytes": n_bytes,
+        "max_length": max_length,
+        "windows": n_windows,
+        "eval_seconds": round(seconds, 3),
+        "tokens_per_second": round(2 * tokens / max(seconds, 1e-9), 1),  # both models score every token
+        "device": str(device),
+        "precision": str(dtype).removeprefix("torch."),
+    }
+    sanity_check(metrics)
+
+    samples = generate_samples(model, tokenizer, docs, config, device)
+    plot_loss_curve(history, run.scratch / "loss_curve.png")
+    plot_perplexity(base_scores, adapted_scores, run.scratch / "perplexity.png")
+    for name in ("loss_curve.png", "perplexity.png"):
+        store.upload_file(run.scratch / name, run.output(name))
+    store.write_text(run.output("samples.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    store.write_text(run.output("report.md"), render_report(metrics, samples, config))
+    store.write_text(run.output("metrics.json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    m = config.gate_metric
+    log.info(
+        "%s %.4f -> %.4f (%+.1f%%), %.0f tokens/s; quality gate %s: %s",
+        m, base_scores[m], adapted_scores[m], 100 * improvement[m], metrics["tokens_per_second"],
+        "passed" if gate["passed"] else "FAILED", gate["reason"],
+    )  # fmt: skip
+    return metrics
+
+
+def sanity_check(metrics: dict[str, Any]) -> None:
+    """A perplexity below 1 or not finite means the scores are not log-probabilities: a bug, not a result."""
+    for model in ("base", "adapted"):
+        for name in PERPLEXITY_METRICS:
+            value = metrics[model][name]
+            if not math.isfinite(value) or (name.endswith("perplexity") and value < 1):
+                raise RuntimeError(f"{model} {name} is {value}: the scoring is broken")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("evaluate", EvaluateConfig, inputs, evaluate, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
