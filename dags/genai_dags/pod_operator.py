@@ -1,0 +1,172 @@
+"""The kubernetes runtime: a stage as a hardened pod on its node pool (KubernetesPodOperator).
+
+GPU stages run on the ``gpu-spot`` node pool; their last try runs on ``gpu-on-demand`` so that a
+run that keeps losing its spot nodes still finishes. Exit 2 (the user's mistake) fails the task
+without retries. Everything cluster-specific (image, namespace, service account, node selectors,
+tolerations, resources) comes from the pipeline config; see ``dags/README.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk.exceptions import AirflowException
+from kubernetes.client import models as k8s
+
+from genai_dags.operators import EXIT_USER_ERROR, StageUserError, record_outlet_events
+from genai_dags.settings import NodePool, PipelineSettings
+from genai_dags.stage_specs import ResolvedStage
+
+RESULT_PATH_IN_POD = "/airflow/xcom/return.json"  # read by the provider's XCom sidecar
+
+
+def _tolerations(pool: NodePool) -> list[k8s.V1Toleration]:
+    return [k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in pool.tolerations]
+
+
+class StagePodOperator(KubernetesPodOperator):
+    """KubernetesPodOperator for one stage: picks spot or on-demand capacity per try, maps exit 2 to no-retry."""
+
+    def __init__(
+        self,
+        *,
+        stage: str,
+        node_pool: NodePool | None = None,
+        fallback_node_pool: NodePool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.stage = stage
+        self.node_pool = node_pool or NodePool()
+        # GPU stages: the pool that the last try uses when spot capacity keeps being reclaimed.
+        self.fallback_node_pool = fallback_node_pool
+
+    def execute(self, context: Any) -> Any:
+        result = super().execute(context)
+        if isinstance(result, dict):
+            record_outlet_events(context, self.outlets, result)
+        return result
+
+    def capacity_for_try(self, try_number: int) -> tuple[str, NodePool]:
+        """Spot for every try but the last; the last try (when there are retries) runs on on-demand capacity."""
+        if self.fallback_node_pool is not None and self.retries and try_number > self.retries:
+            return "on-demand", self.fallback_node_pool
+        return ("spot" if self.fallback_node_pool is not None else "standard"), self.node_pool
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        try_number = int(getattr(context["ti"], "try_number", 1) or 1) if context else 1
+        capacity, pool = self.capacity_for_try(try_number)
+        if capacity == "on-demand":
+            self.log.warning(
+                "try %s of %s: spot capacity failed before; this try runs on on-demand nodes",
+                try_number,
+                self.retries + 1,
+            )
+        self.node_selector = dict(pool.node_selector)
+        self.tolerations = _tolerations(pool)
+        self.priority_class_name = pool.priority_class or None
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        pod.metadata.labels["genai-pipelines.io/capacity"] = capacity
+        return pod
+
+    def cleanup(
+        self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None, context: Any = None
+    ) -> None:
+        try:
+            super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
+        except AirflowException as exc:
+            if _exit_code(remote_pod, self.base_container_name) == EXIT_USER_ERROR:
+                raise StageUserError(
+                    f"stage {self.stage} rejected its settings or input (exit 2, not retried); "
+                    "the reason is in the pod log above"
+                ) from exc
+            raise
+
+
+def _exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
+    statuses = (remote_pod.status.container_statuses if remote_pod and remote_pod.status else None) or []
+    for status in statuses:
+        if status.name == container and status.state and status.state.terminated:
+            return status.state.terminated.exit_code
+    return None
+
+
+def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, Any]:
+    k = settings.kubernetes
+    uid = k.run_as_user
+    requests = {"cpu": stage.cpu, "memory": stage.memory}
+    limits = {"memory": stage.memory}  # no CPU limit: throttling slows tokenizing for no benefit
+    if stage.uses_gpu:
+        requests[k.gpu_resource] = limits[k.gpu_resource] = str(stage.gpu)
+    hardened = k8s.V1SecurityContext(
+        run_as_non_root=True,
+        run_as_user=uid,
+        run_as_group=uid,
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+    volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=k.scratch_size))]
+    mounts = [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")]
+    if stage.uses_gpu:  # PyTorch data loaders and NCCL need more shared memory than the 64 MiB default
+        volumes.append(
+            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi"))
+        )
+        mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+    pool_name = stage.node_pool
+    return {
+        "node_pool": k.node_pools[pool_name],
+        "fallback_node_pool": k.node_pools["gpu-on-demand"] if pool_name == "gpu-spot" else None,
+        "name": f"genai-{stage.name.replace('_', '-')}",
+        "namespace": k.namespace,
+        "service_account_name": k.service_account,
+        # Stage pods never call the Kubernetes API; object-storage identity comes from workload
+        # identity (GKE, AKS) or IRSA / Pod Identity (EKS), which do not need the API token mounted.
+        "automount_service_account_token": False,
+        "kubernetes_conn_id": k.kubernetes_conn_id,
+        "in_cluster": k.in_cluster,
+        "image": stage.image,
+        "image_pull_policy": k.image_pull_policy,
+        "cmds": stage.spec.command,
+        "env_vars": {
+            "STAGE_RESULT_PATH": RESULT_PATH_IN_POD,
+            "STAGE_IMAGE": stage.image,  # recorded in every manifest: the lineage of published models
+            "HOME": "/tmp",
+            "HF_HOME": "/tmp/hf-home",
+            "TMPDIR": "/tmp",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        },
+        "labels": {
+            "app.kubernetes.io/name": "genai-stage",
+            "app.kubernetes.io/component": stage.name.replace("_", "-"),
+            "app.kubernetes.io/part-of": "genai-pipelines",
+            "app.kubernetes.io/managed-by": "airflow",
+            **k.labels,
+        },
+        "container_resources": k8s.V1ResourceRequirements(requests=requests, limits=limits),
+        "security_context": k8s.V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=uid,
+            run_as_group=uid,
+            fs_group=uid,
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        "container_security_context": hardened,
+        "xcom_sidecar_container_security_context": hardened,
+        "volumes": volumes,
+        "volume_mounts": mounts,
+        "do_xcom_push": True,
+        "get_logs": True,
+        "log_events_on_failure": True,
+        "on_finish_action": "delete_pod",
+        "on_kill_action": "delete_pod",
+        "termination_message_policy": "FallbackToLogsOnError",
+        "termination_grace_period": k.termination_grace_seconds,
+        "startup_timeout_seconds": k.startup_timeout_seconds,
+        "schedule_timeout_seconds": k.startup_timeout_seconds,
+        # The pod's own deadline backs up Airflow's execution_timeout if the worker itself dies.
+        "active_deadline_seconds": int(stage.timeout.total_seconds()) + k.startup_timeout_seconds,
+    }

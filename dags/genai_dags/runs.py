@@ -1,0 +1,233 @@
+"""From a validated run conf to each stage's command-line arguments (the first task of every DAG).
+
+Plain functions, no Airflow: the DAGs' ``plan`` tasks call them, and the tests call them directly.
+They decide the stage run id, resolve base-model names and plain paths, and build the exact
+``key=value`` list every stage task passes to ``python -m stages.<name>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+from genai_dags.params import TUNABLES
+from genai_dags.settings import STAGE_NAMES, PipelineSettings
+
+
+class PlanError(ValueError):
+    """The run cannot start (a name that does not resolve, a model that is not published): the user's to fix."""
+
+
+def code_identity(settings: PipelineSettings) -> dict[str, str]:
+    """What identifies the stage code: the images (kubernetes) or a hash of the local ``stages`` sources.
+
+    It goes into the default run id, so that new code gets a new run instead of colliding with
+    outputs committed by the old code under the same run id. Files are hashed, never imported.
+    """
+    if settings.runtime == "kubernetes":
+        return {name: settings.image_for(name) for name in STAGE_NAMES}
+    h = hashlib.sha256()
+    for path in sorted((settings.local.workdir / "stages").glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return {"stages_source_sha256": h.hexdigest()}
+
+
+STAMP_KEYS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated")
+
+
+def input_fingerprint(uris: dict[str, str]) -> dict[str, str]:
+    """A cheap identity of each input: its files' names, sizes and change stamps (a listing, no content read).
+
+    It goes into the default run id too: the same conf over changed data is a new run, instead of a
+    run whose stages refuse to overwrite outputs committed for the old data.
+    """
+    import fsspec
+
+    out = {}
+    for field, uri in sorted(uris.items()):
+        if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
+            out[field] = uri  # a hub model id: its name is all we know
+            continue
+        fs, path = fsspec.core.url_to_fs(uri)
+        if any(c in path for c in "*?["):
+            infos = {p: fs.info(p) for p in fs.glob(path)}
+        elif fs.isdir(path):
+            infos = fs.find(path, detail=True)
+        elif fs.exists(path):
+            infos = {path: fs.info(path)}
+        else:
+            out[field] = "missing"  # the stage reports it, with the field's name
+            continue
+        h = hashlib.sha256()
+        for name, info in sorted(infos.items()):
+            stamp = next((info[k] for k in STAMP_KEYS if info.get(k) is not None), "")
+            h.update(f"{name}\0{info.get('size')}\0{stamp}\n".encode())
+        out[field] = h.hexdigest()
+    return out
+
+
+def stable_run_id(prefix: str, params: dict[str, Any], identity: dict[str, Any]) -> str:
+    """Same conf + same code + same input files -> same run id -> every stage is a cache hit on a re-run."""
+    conf = {k: v for k, v in params.items() if k != "run_id"}
+    digest = hashlib.sha256(json.dumps({"conf": conf, "identity": identity}, sort_keys=True).encode()).hexdigest()
+    return f"{prefix}-{digest[:16]}"
+
+
+def finetune_inputs(params: dict[str, Any], settings: PipelineSettings) -> dict[str, str]:
+    return {
+        "train_data_uri": resolve_uri(params["train_data_uri"], settings),
+        "prompts_uri": resolve_uri(params["prompts_uri"], settings),
+        "base_model": resolve_base_model(params["base_model"], settings),
+    }
+
+
+def resolve_uri(value: str, settings: PipelineSettings) -> str:
+    """Plain paths are relative to the local working directory; URIs pass through unchanged."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        return value
+    return "file://" + str((settings.local.workdir / value).resolve())
+
+
+def resolve_base_model(value: str, settings: PipelineSettings) -> str:
+    if value in settings.base_models:
+        return settings.base_models[value]
+    return resolve_uri(value, settings)
+
+
+def _arg(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    elif isinstance(value, bool):
+        value = str(value).lower()
+    return f"{key}={value}"
+
+
+def tunable_args(group: str, values: dict[str, Any] | None) -> list[str]:
+    _, fields = TUNABLES[group]
+    unknown = set(values or {}) - set(fields)
+    if unknown:  # Airflow enforced this already; a second look costs nothing
+        raise PlanError(f"{group}: unknown setting(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    return [_arg(k, v) for k, v in sorted((values or {}).items())]
+
+
+def finetune_plan(params: dict[str, Any], settings: PipelineSettings, identity: dict[str, Any]) -> dict[str, Any]:
+    """The stage run id, the published name/version, and every stage's arguments.
+
+    ``identity`` is what else makes a run what it is besides its conf: the stage code and a
+    fingerprint of the input files (see :func:`code_identity` and :func:`input_fingerprint`).
+    """
+    run_id = params.get("run_id") or stable_run_id("ft", params, identity)
+    version = params.get("version") or run_id
+    base_model = resolve_base_model(params["base_model"], settings)
+    common = [f"artifact_root={settings.artifact_root}", f"run_id={run_id}"]
+    return {
+        "run_id": run_id,
+        "model_name": params["model_name"],
+        "version": version,
+        "tokenize": [
+            *common,
+            f"input_uri={resolve_uri(params['train_data_uri'], settings)}",
+            f"base_model={base_model}",
+            *tunable_args("tokenize", params.get("tokenize")),
+        ],
+        "train_lora": [*common, f"base_model={base_model}", *tunable_args("train", params.get("train"))],
+        "evaluate": [*common, f"base_model={base_model}", *tunable_args("evaluate", params.get("evaluate"))],
+        "batch_infer": [
+            *common,
+            f"base_model={base_model}",
+            f"prompts_uri={resolve_uri(params['prompts_uri'], settings)}",
+            *tunable_args("inference", params.get("inference")),
+        ],
+        "publish": [*common, f"model_name={params['model_name']}", f"version={version}"],
+    }
+
+
+def shard_count(records: int, records_per_shard: int, max_shards: int) -> int:
+    """Enough shards for ``records_per_shard`` each, never more than ``max_shards``, at least one."""
+    return max(1, min(max_shards, math.ceil(records / records_per_shard)))
+
+
+def published_uri(settings: PipelineSettings, model_name: str, version: str) -> str:
+    return f"{settings.artifact_root}/models/{model_name}/{version}"
+
+
+def read_published(settings: PipelineSettings, model_name: str, version: str) -> dict[str, Any]:
+    """The lineage of a published model; a model without a committed manifest is not published."""
+    import fsspec
+
+    uri = published_uri(settings, model_name, version)
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(f"{path}/manifest.json"):
+        raise PlanError(
+            f"model_name={model_name!r} version={version!r} is not published: "
+            f"{uri}/manifest.json does not exist (run genai_finetune first)"
+        )
+    with fs.open(f"{path}/lineage.json", "rb") as fh:
+        return json.load(fh)
+
+
+def count_records(uri: str) -> int:
+    """JSONL records in a file, folder or glob: newlines counted in 1 MiB chunks, nothing parsed or held."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if any(c in path for c in "*?["):
+        files = [f for f in fs.glob(path) if not fs.isdir(f)]
+    elif fs.isdir(path):
+        files = fs.find(path)
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise PlanError(f"prompts_uri={uri!r} does not exist")
+    records = 0
+    for file in sorted(files):
+        last = b"\n"
+        with fs.open(file, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                records += chunk.count(b"\n")
+                last = chunk[-1:]
+        if last != b"\n":
+            records += 1  # a last line without a newline
+    return records
+
+
+def batch_plan(
+    params: dict[str, Any], settings: PipelineSettings, code: dict[str, str], lineage: dict[str, Any], records: int
+) -> dict[str, Any]:
+    run_id = params.get("run_id") or stable_run_id("bi", params, code)
+    shards = shard_count(records, params["records_per_shard"], params["max_shards"])
+    model_uri = published_uri(settings, params["model_name"], params["version"])
+    common = [f"artifact_root={settings.artifact_root}", f"run_id={run_id}"]
+    infer = [
+        *common,
+        f"base_model={lineage['base_model']}",
+        f"adapter_uri={model_uri}",
+        f"prompts_uri={resolve_uri(params['prompts_uri'], settings)}",
+        *tunable_args("inference", params.get("inference")),
+    ]
+    return {
+        "run_id": run_id,
+        "records": records,
+        "num_shards": shards,
+        "batch_infer": [[*infer, f"shard_index={i}", f"num_shards={shards}"] for i in range(shards)],
+        "merge_predictions": [*common, f"num_shards={shards}"],
+    }
+
+
+def check_quality_gate(evaluation: dict[str, Any] | None) -> str:
+    """The gate's reason when it passed; raises GateFailed with the reason when it did not."""
+    gate = ((evaluation or {}).get("metrics") or {}).get("quality_gate")
+    if not isinstance(gate, dict) or "passed" not in gate:
+        raise GateFailed("evaluate reported no metrics.quality_gate; cannot decide, stopping before publication")
+    reason = str(gate.get("reason", "no reason given"))
+    if not gate["passed"]:
+        raise GateFailed(f"quality gate failed: {reason}")
+    return reason
+
+
+class GateFailed(Exception):
+    """The evaluation did not meet the threshold: inference and publication must not run."""

@@ -1,0 +1,86 @@
+"""
+# genai_finetune
+
+LoRA fine-tuning of a base model on your text, gated by evaluation, then batch inference and publication:
+
+    plan -> tokenize -> train_lora -> evaluate -> quality_gate -> batch_infer -> publish
+
+- **plan** checks the whole run conf (unknown keys included) and fixes the stage run id: the conf's
+  `run_id`, or a hash of the conf and the stage code, so triggering the same conf again reuses every
+  stage's committed output (cache hits) instead of recomputing it.
+- **quality_gate** reads evaluate's `metrics.quality_gate` and stops the run before inference and
+  publication when it failed; the reason is in its log and in the failure notification.
+- **publish** copies the adapter, the evaluation and a `lineage.json` to
+  `<artifact_root>/models/<model_name>/<version>/` and updates the `genai_models` asset.
+
+Each stage is `python -m stages.<name> key=value ...` on the configured runtime (a local subprocess,
+or a Kubernetes pod on the stage's node pool); the platform config is described in `dags/README.md`.
+
+Trigger it with a conf such as `examples/finetune-demo.json`:
+
+    make trigger CONF=examples/finetune-demo.json
+    airflow dags trigger genai_finetune --conf "$(cat examples/finetune-demo.json)"
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.sdk import Asset, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+from genai_dags import params, runs
+from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
+from genai_dags.operators import stage_task
+from genai_dags.settings import load_settings
+
+SETTINGS = load_settings()
+PARAMS = params.finetune_params(SETTINGS)
+# One asset for every published model; each event's extra says which model and version it was.
+log = logging.getLogger(__name__)
+MODELS = Asset(name="genai_models", uri=f"{SETTINGS.artifact_root}/models")
+
+
+@dag(dag_id="genai_finetune", params=PARAMS, **dag_kwargs(SETTINGS, __doc__, ["fine-tuning"]))
+def genai_finetune() -> None:
+    @task(multiple_outputs=True, retries=0)
+    def plan() -> dict[str, Any]:
+        """Validate the whole conf and build every stage's arguments; no stage starts on a bad conf."""
+        context = get_current_context()
+        try:
+            params.check_conf(dict(context["dag_run"].conf or {}), PARAMS)
+            conf = dict(context["params"])
+            identity = {**runs.code_identity(SETTINGS), **runs.input_fingerprint(runs.finetune_inputs(conf, SETTINGS))}
+            result = runs.finetune_plan(conf, SETTINGS, identity)
+        except (params.ConfError, runs.PlanError) as exc:
+            raise AirflowFailException(str(exc)) from None
+        log.info(
+            "stage run id %s: artifacts under %s/runs/%s/", result["run_id"], SETTINGS.artifact_root, result["run_id"]
+        )
+        return result
+
+    @task(retries=0)
+    def quality_gate(evaluation: dict[str, Any]) -> str:
+        """Stop before batch inference and publication when the evaluation missed its threshold."""
+        try:
+            reason = runs.check_quality_gate(evaluation)
+        except runs.GateFailed as exc:
+            raise AirflowFailException(str(exc)) from None
+        log.info("quality gate passed: %s", reason)
+        return reason
+
+    steps = plan()
+    tokenize = stage_task("tokenize", SETTINGS, arguments=steps["tokenize"])
+    train = stage_task("train_lora", SETTINGS, arguments=steps["train_lora"])
+    evaluate = stage_task("evaluate", SETTINGS, arguments=steps["evaluate"])
+    gate = quality_gate(evaluate.output)
+    infer = stage_task("batch_infer", SETTINGS, arguments=steps["batch_infer"])
+    publish = stage_task(
+        "publish", SETTINGS, arguments=steps["publish"], outlets=[MODELS], **last_task_kwargs(SETTINGS)
+    )
+
+    tokenize >> train >> evaluate
+    gate >> infer >> publish
+
+
+genai_finetune()

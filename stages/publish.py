@@ -1,0 +1,194 @@
+"""Publish a fine-tuned model: adapter, evaluation and lineage under one stable, versioned location.
+
+    python -m stages.publish artifact_root=s3://bucket/genai run_id=exp1 model_name=folio-lora
+
+Copies from this run (or the URIs given) to ``<artifact_root>/models/<model_name>/<version>/``:
+
+    adapter/            the PEFT adapter (adapter_config.json, adapter_model.safetensors, training_base.json)
+    train_log.jsonl     the training log, so evaluate and the report tools work on a published model too
+    evaluation/         metrics.json, report.md, samples.jsonl and the plots of evaluate
+    lineage.json        run id, base model, every upstream stage's cache key, input and output hashes,
+                        code version and image
+    manifest.json       the commit marker, written last (as for every stage)
+
+``version`` defaults to the run id. A published version is immutable: publishing different content
+under an existing version is refused (exit 2); publishing the same content again is a cache hit.
+The stage refuses to publish an adapter whose evaluation failed its quality gate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from stages import manifest, store
+from stages.config import check, check_run_id, help_field
+from stages.errors import UserError
+from stages.runner import StageConfig, StageRun, run_stage
+
+log = logging.getLogger("stages.publish")
+NONE = "none"
+EVALUATION_FILES = ("metrics.json", "report.md", "samples.jsonl", "loss_curve.png", "perplexity.png")
+
+
+@dataclass(kw_only=True)
+class PublishConfig(StageConfig):
+    model_name: str = help_field("", "Name to publish under: <artifact_root>/models/<model_name>/<version>/.")
+    version: str = help_field("", "Version folder; empty means the run id.")
+    adapter_uri: str = help_field("", "Output of train_lora (adapter/ + train_log.jsonl); empty means this run's.")
+    evaluation_uri: str = help_field("", "Output of evaluate; empty means this run's.")
+    predictions_uri: str = help_field(
+        "", "Output of batch_infer, recorded in the lineage; empty means this run's if committed; 'none' leaves it out."
+    )
+    require_gate: bool = help_field(True, "Refuse to publish when evaluate's quality gate did not pass.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(bool(self.model_name), "model_name is required: the name to publish the model under")
+        check_run_id("model_name", self.model_name)
+        self.version = self.version or self.run_id
+        check_run_id("version", self.version)
+        self.resolve_input("adapter_uri", "train_lora")
+        self.resolve_input("evaluation_uri", "evaluate")
+        if self.predictions_uri.strip().lower() == NONE:
+            self.predictions_uri = NONE
+        elif self.predictions_uri:
+            self.predictions_uri = store.normalize_uri(self.predictions_uri, "predictions_uri")
+
+    def output_uri(self, stage: str) -> str:
+        return store.join(self.artifact_root, "models", self.model_name, self.version)
+
+
+def _predictions(config: PublishConfig) -> str | None:
+    """The batch_infer output to record, if any: an explicit one must be committed, the default may be absent."""
+    if config.predictions_uri == NONE:
+        return None
+    if config.predictions_uri:
+        return config.predictions_uri
+    default = config.run_uri("batch_infer")
+    return default if manifest.read(default) is not None else None
+
+
+def inputs(config: PublishConfig) -> dict[str, str]:
+    uris = {"adapter_uri": config.adapter_uri, "evaluation_uri": config.evaluation_uri}
+    for field, uri in uris.items():
+        if field == "evaluation_uri" and manifest.read(uri) is None:
+            raise UserError(f"{field}={uri!r} is not a committed evaluate output (no manifest.json)")
+    if predictions := _predictions(config):
+        uris["predictions_uri"] = predictions
+    return uris
+
+
+def _copy(src: str, dst: str) -> None:
+    store.write_bytes(dst, store.read_bytes(src))
+
+
+def _stage_record(uri: str, committed: dict[str, Any]) -> dict[str, Any]:
+    """What lineage keeps of an upstream stage: identity and hashes, not its metrics or timings."""
+    return {
+        "output_uri": uri,
+        "stage": committed.get("stage"),
+        "cache_key": committed.get("cache_key"),
+        "outputs_sha256": committed.get("outputs_sha256"),
+        "inputs": committed.get("inputs", {}),
+        "code": committed.get("code", {}),
+        "committed_at": committed.get("committed_at"),
+    }
+
+
+def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
+    lineage_stages: dict[str, Any] = {}
+
+    # The adapter: a train_lora output (adapter/ inside) or a bare PEFT adapter folder.
+    trained = manifest.read(config.adapter_uri)
+    adapter_dir = store.join(config.adapter_uri, "adapter") if trained else config.adapter_uri
+    adapter_files = store.list_files(adapter_dir)
+    if "adapter_config.json" not in adapter_files:
+        raise UserError(f"adapter_uri={config.adapter_uri!r} holds no PEFT adapter (no adapter_config.json)")
+    for rel in adapter_files:
+        _copy(store.join(adapter_dir, rel), run.output("adapter", rel))
+    base_model = None
+    if trained:
+        lineage_stages["train_lora"] = _stage_record(config.adapter_uri, trained)
+        base_model = trained.get("config", {}).get("base_model")
+        train_log = store.join(config.adapter_uri, "train_log.jsonl")
+        if store.exists(train_log):
+            _copy(train_log, run.output("train_log.jsonl"))
+        dataset_uri = trained.get("config", {}).get("dataset_uri")
+        tokenized = manifest.read(dataset_uri) if dataset_uri else None
+        if tokenized:
+            lineage_stages["tokenize"] = _stage_record(dataset_uri, tokenized)
+    if base_model is None:
+        training_base = (
+            json.loads(store.read_text(store.join(adapter_dir, "training_base.json")))
+            if "training_base.json" in adapter_files
+            else {}
+        )
+        base_model = training_base.get("base_model")
+
+    # The evaluation and its verdict.
+    evaluated = manifest.read(config.evaluation_uri) or {}
+    lineage_stages["evaluate"] = _stage_record(config.evaluation_uri, evaluated)
+    gate = (evaluated.get("metrics") or {}).get("quality_gate") or {}
+    if config.require_gate and not gate.get("passed"):
+        raise UserError(
+            f"evaluation at {config.evaluation_uri} did not pass its quality gate "
+            f"({gate.get('reason', 'no verdict recorded')}); set require_gate=false to publish anyway"
+        )
+    copied = []
+    for name in EVALUATION_FILES:
+        src = store.join(config.evaluation_uri, name)
+        if store.exists(src):
+            _copy(src, run.output("evaluation", name))
+            copied.append(name)
+
+    if predictions := _predictions(config):
+        predicted = manifest.read(predictions)
+        if predicted is None:
+            raise UserError(f"predictions_uri={predictions!r} is not a committed batch_infer output")
+        lineage_stages["batch_infer"] = _stage_record(predictions, predicted)
+
+    lineage = {
+        "model_name": config.model_name,
+        "version": config.version,
+        "run_id": config.run_id,
+        "base_model": base_model,
+        "base_model_sha256": (trained or {}).get("inputs", {}).get("base_model", {}).get("sha256"),
+        "quality_gate": gate,
+        "inputs": run.inputs,
+        "stages": lineage_stages,
+        "images": sorted({s["code"]["image"] for s in lineage_stages.values() if s["code"].get("image")}),
+    }
+    store.write_text(run.output("lineage.json"), json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+
+    # Sanity check: the published adapter is byte-identical to what was trained.
+    for rel in adapter_files:
+        if store.sha256(run.output("adapter", rel)) != store.sha256(store.join(adapter_dir, rel)):
+            raise RuntimeError(f"published adapter file {rel} differs from its source")
+    log.info(
+        "published %s version %s at %s (%d adapter files, evaluation: %s)",
+        config.model_name,
+        config.version,
+        run.out_uri,
+        len(adapter_files),
+        ", ".join(copied) or "none",
+    )
+    return {
+        "model_name": config.model_name,
+        "version": config.version,
+        "uri": run.out_uri,
+        "adapter_uri": run.output("adapter"),
+        "base_model": base_model,
+        "quality_gate_passed": bool(gate.get("passed")),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("publish", PublishConfig, inputs, publish, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
