@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dag(dag_id="genai_batch_inference", params=PARAMS, **dag_kwargs(SETTINGS, __doc__, ["inference"]))
 def genai_batch_inference() -> None:
-    @task(retries=0)
+    @task
     def plan() -> list[list[str]]:
         """Validate the conf, find the published model, count the prompts and split them into shards."""
         context = get_current_context()

@@ -43,7 +43,7 @@ MODELS = Asset(name="genai_models", uri=f"{SETTINGS.artifact_root}/models")
 
 @dag(dag_id="genai_finetune", params=PARAMS, **dag_kwargs(SETTINGS, __doc__, ["fine-tuning"]))
 def genai_finetune() -> None:
-    @task(multiple_outputs=True, retries=0)
+    @task(multiple_outputs=True)
     def plan() -> dict[str, Any]:
         """Validate the whole conf and build every stage's arguments; no stage starts on a bad conf."""
         context = get_current_context()
@@ -59,7 +59,7 @@ def genai_finetune() -> None:
         )
         return result
 
-    @task(retries=0)
+    @task
     def quality_gate(evaluation: dict[str, Any]) -> str:
         """Stop before batch inference and publication when the evaluation missed its threshold."""
         try:

@@ -103,11 +103,9 @@ class TestPolicy:
             assert backoff > 1, task.task_id
             assert timeout == STAGES[stage].timeout or stage == "train_lora", task.task_id
 
-    def test_the_plan_task_runs_first_and_is_not_retried(self, local_dags, dag_id):
+    def test_the_plan_task_runs_first(self, local_dags, dag_id):
         dag = local_dags[dag_id]
-        plan = dag.get_task("plan")
-        assert plan.retries == 0  # a bad conf stays bad
-        assert not plan.upstream_task_ids
+        assert not dag.get_task("plan").upstream_task_ids
         assert {t.task_id for t in dag.tasks if not t.upstream_task_ids} == {"plan"}
 
 
@@ -466,6 +464,12 @@ def test_an_unknown_key_fails_the_plan_task_and_no_stage_task_starts():
     assert str(run.state) == "failed"
     assert states.pop("plan") == "failed"
     assert set(states.values()) == {"upstream_failed"}
+    # A bad conf stays bad: failed on the first try although the config allows a retry.
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        (plan,) = [ti for ti in run.get_task_instances(session=session) if ti.task_id == "plan"]
+        assert (plan.try_number, plan.max_tries) == (1, 1)
 
 
 @pytest.mark.integration

@@ -6,11 +6,22 @@ Upstream outputs are committed by hand with the real manifest code, so each case
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from stages import manifest, merge_predictions, publish
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The stage runner points the root logger at this test's captured stderr; put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def commit(folder: Path, files: dict[str, str], record: dict) -> str:
