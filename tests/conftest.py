@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from genai_dags import local_airflow
+
+local_airflow.configure_for_tests()  # a throw-away AIRFLOW_HOME, before any test module imports airflow
+
 ROOT = Path(__file__).resolve().parents[1]
 # Modern-spelling plays make the base model's world; First Folio spellings are the fine-tuning domain.
 BASE_PLAYS = ["hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night", "julius_caesar"]

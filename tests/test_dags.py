@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from genai_dags import local_airflow, params, runs, settings
+from genai_dags.render_pods import load_dags, pipeline_config
+from genai_dags.stage_specs import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dags"))
-
-from genai_dags import local_airflow  # noqa: E402
-
-local_airflow.configure_for_tests()  # before anything imports airflow
-
-from genai_dags import params, runs, settings  # noqa: E402
-from genai_dags.render_pods import load_dags, pipeline_config  # noqa: E402
-from genai_dags.stage_specs import STAGES  # noqa: E402
 
 CONFIGS = sorted(ROOT.glob("values/*/pipeline.yaml"))
 CONFIG_IDS = [p.parent.name for p in CONFIGS]

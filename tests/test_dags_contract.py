@@ -11,23 +11,16 @@ import dataclasses
 import importlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from genai_dags import params, render_pods, runs, settings
+from genai_dags.stage_specs import STAGES
+from stages.config import load_config
+from stages.runner import StageConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dags"))
-
-from genai_dags import local_airflow  # noqa: E402
-
-local_airflow.configure_for_tests()  # before anything imports airflow
-
-from genai_dags import params, render_pods, runs, settings  # noqa: E402
-from genai_dags.stage_specs import STAGES  # noqa: E402
-
-from stages.config import load_config  # noqa: E402
-from stages.runner import StageConfig  # noqa: E402
 
 CONFIGS = {"local": ROOT / "values/local/pipeline.yaml", "gke": ROOT / "values/gke/pipeline.yaml"}
 

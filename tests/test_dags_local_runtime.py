@@ -17,16 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from genai_dags.operators import LocalStageOperator, StageUserError
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dags"))
-
-from genai_dags import local_airflow  # noqa: E402
-
-local_airflow.configure_for_tests()  # before anything imports airflow
-
-from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noqa: E402
-from genai_dags.operators import LocalStageOperator, StageUserError  # noqa: E402
 
 FAKE_STAGES = {
     "echo": """

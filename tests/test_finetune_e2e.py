@@ -7,19 +7,14 @@ Airflow runs each DAG with ``dag.test()`` on SQLite, the way ``make demo`` does.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from genai_dags import local_airflow
+from tests.test_notifications import smtp_server  # noqa: F401 - the SMTP server fixture
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dags"))
-
-from genai_dags import local_airflow  # noqa: E402
-
-local_airflow.configure_for_tests()  # before anything imports airflow
-
-from tests.test_notifications import smtp_server  # noqa: E402, F401 - the SMTP server fixture
 
 pytestmark = pytest.mark.integration
 STAGE_TASKS = ["tokenize", "train_lora", "evaluate", "batch_infer", "publish"]

@@ -6,21 +6,15 @@ import email
 import email.policy
 import json
 import socket
-import sys
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
+from genai_dags import local_airflow, notifications, settings
+from genai_dags.render_pods import load_dags
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dags"))
-
-from genai_dags import local_airflow  # noqa: E402
-
-local_airflow.configure_for_tests()  # before anything imports airflow
-
-from genai_dags import notifications, settings  # noqa: E402
-from genai_dags.render_pods import load_dags  # noqa: E402
 
 CONF = {
     "model_name": "folio",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,15 +19,10 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
+from genai_dags import local_airflow, render_pods, settings
+from genai_dags.stage_specs import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dags"))
-
-from genai_dags import local_airflow  # noqa: E402
-
-local_airflow.configure_for_tests()  # before anything imports airflow
-
-from genai_dags import render_pods, settings  # noqa: E402
-from genai_dags.stage_specs import STAGES  # noqa: E402
 
 CLOUDS = ["gke", "eks", "aks"]
 K8S_VERSIONS = ["1.25.0", "1.37.0"]  # the oldest and newest schemas kubernetes-validate ships
