@@ -23,6 +23,7 @@ import logging
 
 from airflow.sdk import XComArg, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
+
 from genai_dags import params, runs
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.operators import mapped_stage_task, stage_task

@@ -29,6 +29,7 @@ from typing import Any
 
 from airflow.sdk import Asset, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
+
 from genai_dags import params, runs
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.operators import stage_task
