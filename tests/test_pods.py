@@ -371,10 +371,12 @@ def test_killing_the_task_deletes_its_pod(fake_api):
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     deadline = time.monotonic() + 60
-    while not fake_api.pods and time.monotonic() < deadline:
+    # Wait until the pod exists and the operator knows it (``self.pod`` is set once the create call returns).
+    while not (fake_api.pods and getattr(op, "pod", None) is not None) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert fake_api.pods, "the operator never created its pod"
     (name,) = fake_api.pods
+    assert op.pod.metadata.name == name
     assert not any(method == "DELETE" for method, _, _ in fake_api.calls)
 
     op.on_kill()  # what Airflow calls when the task is killed (UI, timeout, SIGTERM to the worker)
