@@ -22,9 +22,12 @@ from airflow.sdk import Param
 
 from genai_dags.settings import PipelineSettings
 
+# The end of the string: JSON Schema validators use Python's re.search, where '$' also matches before
+# a final newline ("folio\n" would pass as a name); the lookahead refuses that and means the same in ECMA.
+END = r"$(?!\n)"
 # Names that become path segments under the artifact root: no '/', no '..', no leading dot.
-NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,62}$"
-RUN_ID_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,127}$"
+NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,62}" + END
+RUN_ID_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,127}" + END
 SEED = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 
 # conf group -> (stage, {stage config field: JSON Schema}). Only these stage settings can come from a
@@ -34,7 +37,7 @@ TUNABLES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
         "tokenize",
         {
             "input_format": {"enum": ["auto", "jsonl", "text", "parquet"]},
-            "text_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+            "text_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
             "text_unit": {"enum": ["paragraph", "line", "file"]},
             "min_chars": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
             "max_chars": {"type": "integer", "minimum": 1, "maximum": 100_000_000},
@@ -53,7 +56,7 @@ TUNABLES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
                 "type": "array",
                 "minItems": 1,
                 "maxItems": 32,
-                "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.]{1,64}$"},
+                "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.]{1,64}" + END},
             },
             "learning_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "lr_schedule": {"enum": ["cosine", "linear", "constant"]},
@@ -81,8 +84,8 @@ TUNABLES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "inference": (
         "batch_infer",
         {
-            "id_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
-            "prompt_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+            "id_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+            "prompt_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
             "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
             "batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
             "do_sample": {"type": "boolean"},
@@ -102,9 +105,9 @@ def uri_schema(settings: PipelineSettings) -> dict[str, Any]:
     no_traversal = r"(?!.*(?:^|/)\.\.(?:/|$))"
     if "file" in settings.allowed_uri_schemes:
         # A plain path must contain a '/' (./prompts.jsonl), so that a bare word is never taken for one.
-        pattern = rf"^{no_traversal}(?:(?:{schemes})://|(?![A-Za-z][A-Za-z0-9+.-]*:)(?=[^\s]*/))[^\s]+$"
+        pattern = rf"^{no_traversal}(?:(?:{schemes})://|(?![A-Za-z][A-Za-z0-9+.-]*:)(?=[^\s]*/))[^\s]+{END}"
     else:
-        pattern = rf"^{no_traversal}(?:{schemes})://[^\s]+$"
+        pattern = rf"^{no_traversal}(?:{schemes})://[^\s]+{END}"
     return {"type": "string", "minLength": 1, "maxLength": 2048, "pattern": pattern}
 
 
@@ -216,7 +219,9 @@ def check_conf(conf: dict[str, Any], params: Mapping[str, Any]) -> None:
 
     if not isinstance(conf, dict):
         raise ConfError(f"the run conf must be a JSON object, not {type(conf).__name__}")
-    errors = []
+    # JSON Schema lets NaN through every range check (all comparisons with it are false); Python's JSON
+    # parser reads the literal NaN, so a conf can carry one.
+    errors = [f"{field}: NaN is not a number" for field in _nan_fields(conf)]
     for key in conf:
         if key not in params:
             close = difflib.get_close_matches(key, list(params), n=1)
@@ -233,3 +238,13 @@ def check_conf(conf: dict[str, Any], params: Mapping[str, Any]) -> None:
         errors.append(f"{field}: {error.message}")
     if errors:
         raise ConfError("invalid run conf: " + "; ".join(errors))
+
+
+def _nan_fields(value: Any, path: str = "") -> list[str]:
+    if isinstance(value, float) and value != value:
+        return [path or "(conf)"]
+    if isinstance(value, dict):
+        return [f for k, v in value.items() for f in _nan_fields(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [f for i, v in enumerate(value) for f in _nan_fields(v, f"{path}.{i}")]
+    return []

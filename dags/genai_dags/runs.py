@@ -103,6 +103,8 @@ def _arg(key: str, value: Any) -> str:
         value = ",".join(map(str, value))
     elif isinstance(value, bool):
         value = str(value).lower()
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema accepts 12.0 as an integer; the stages parse "12", not "12.0"
     return f"{key}={value}"
 
 
