@@ -1,4 +1,4 @@
-"""The runtimes: one stage description becomes a local subprocess or a Kubernetes pod.
+"""The runtimes: one stage description becomes a local subprocess, a Kubernetes pod or a container.
 
 Both run exactly ``python -m stages.<name> key=value ...`` and both return the stage's JSON result
 (``stage``, ``cache_hit``, ``output_uri``, ``manifest_uri``, ``metrics``) as the task's XCom:
@@ -8,6 +8,8 @@ Both run exactly ``python -m stages.<name> key=value ...`` and both return the s
   times out, so nothing is left running.
 - ``kubernetes``: :class:`genai_dags.pod_operator.StagePodOperator` runs it in a hardened pod on the
   stage's node pool; GPU stages run on spot capacity and their last retry on on-demand capacity.
+- ``docker``: :class:`genai_dags.docker_operator.StageDockerOperator` runs it in a local container from
+  the stage's image, hardened like the pod, with the artifact root mounted at its own path.
 
 Exit codes follow ``docs/stages.md``: 2 is the user's mistake, so the task fails without retrying
 (a retry cannot fix a bad setting); anything else fails normally and Airflow retries it.
@@ -195,6 +197,11 @@ def _operator(
 
         cls: type[BaseOperator] = StagePodOperator
         runtime_kwargs = pod_kwargs(stage, settings)
+    elif settings.runtime == "docker":
+        from genai_dags.docker_operator import StageDockerOperator, docker_kwargs
+
+        cls = StageDockerOperator
+        runtime_kwargs = docker_kwargs(stage, settings)
     else:
         cls = LocalStageOperator
         runtime_kwargs = _local_kwargs(settings)

@@ -71,7 +71,7 @@ _STAGE_OVERRIDE = _obj(
 
 CONFIG_SCHEMA: dict[str, Any] = _obj(
     {
-        "runtime": {"enum": ["local", "kubernetes"]},
+        "runtime": {"enum": ["local", "kubernetes", "docker"]},
         "artifact_root": {"type": "string", "minLength": 1},
         "owner": {"type": "string", "minLength": 1},
         "allowed_uri_schemes": {"type": "array", "items": {"enum": list(URI_SCHEMES)}, "minItems": 1},
@@ -126,6 +126,20 @@ CONFIG_SCHEMA: dict[str, Any] = _obj(
                     "propertyNames": {"pattern": _LABEL_KEY},
                     "additionalProperties": {"type": "string"},
                 },
+            }
+        ),
+        "docker": _obj(
+            {
+                "url": {"type": "string", "minLength": 1},
+                "image": _obj(
+                    {
+                        "repository": {"type": "string", "minLength": 1},
+                        "tag": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"},
+                    },
+                ),
+                "run_as_user": {"type": "integer", "minimum": 1},
+                "mounts": {"type": "array", "items": {"type": "string", "pattern": "^/"}},
+                "gpus": {"type": "boolean"},
             }
         ),
         "notifications": _obj(
@@ -211,6 +225,20 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class DockerSettings:
+    """The docker runtime: each stage in a local container from its image (``make build-images``)."""
+
+    url: str = "unix://var/run/docker.sock"
+    image_repository: str = "ghcr.io/genai-pipelines/stages"
+    image_tag: str = "latest"
+    image_digest: str = ""  # images built here have no registry digest
+    # None: the uid running Airflow (files in the artifact root stay yours), or 10001 when that is root.
+    run_as_user: int | None = None
+    mounts: tuple[str, ...] = ()  # host paths mounted read-only at the same path (input data)
+    gpus: bool = False  # request every GPU for GPU stages (needs the NVIDIA container toolkit)
+
+
+@dataclass(frozen=True)
 class SmtpSettings:
     conn_id: str
     to: tuple[str, ...]
@@ -246,15 +274,23 @@ class PipelineSettings:
     stages: dict[str, StageOverride] = field(default_factory=dict)
     local: LocalSettings = field(default_factory=LocalSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    docker: DockerSettings = field(default_factory=DockerSettings)
     notifications: NotificationSettings = field(default_factory=NotificationSettings)
 
     def image_for(self, stage: str) -> str:
-        """The image of one stage: a per-stage override, else repository:tag (pinned by digest if given)."""
+        """The image of one stage: a per-stage override, else ``<repository>/<image>:<tag>`` (images/).
+
+        A digest pins the shared stage base ``<repository>@<digest>`` instead, which runs every stage.
+        """
+        from genai_dags.stage_specs import STAGES  # stage_specs imports this module
+
         override = self.stages.get(stage)
         if override and override.image:
             return override.image
-        k = self.kubernetes
-        return f"{k.image_repository}@{k.image_digest}" if k.image_digest else f"{k.image_repository}:{k.image_tag}"
+        k = self.docker if self.runtime == "docker" else self.kubernetes
+        if k.image_digest:
+            return f"{k.image_repository}@{k.image_digest}"
+        return f"{k.image_repository}/{STAGES[stage].image}:{k.image_tag}"
 
     def stage_override(self, stage: str) -> StageOverride:
         return self.stages.get(stage) or StageOverride()
@@ -376,6 +412,22 @@ def parse(data: Any, source: str) -> PipelineSettings:
             "would land on any node; name the cloud's spot label (see values/<cloud>/pipeline.yaml)"
         )
 
+    d = data.get("docker", {})
+    docker_defaults = DockerSettings()
+    docker = DockerSettings(
+        url=d.get("url", docker_defaults.url),
+        image_repository=d.get("image", {}).get("repository", docker_defaults.image_repository),
+        image_tag=str(d.get("image", {}).get("tag", docker_defaults.image_tag)),
+        run_as_user=d.get("run_as_user"),
+        mounts=tuple(d.get("mounts", [])),
+        gpus=d.get("gpus", False),
+    )
+    if runtime == "docker" and not artifact_root.startswith("file://"):
+        raise ConfigError(
+            f"pipeline config {source}: artifact_root={artifact_root!r}: the docker runtime mounts a local "
+            "artifact root into each container; use a path (or file://)"
+        )
+
     n = data.get("notifications", {})
     smtp = n.get("smtp")
     slack = n.get("slack")
@@ -397,6 +449,7 @@ def parse(data: Any, source: str) -> PipelineSettings:
             kill_grace_seconds=local_data.get("kill_grace_seconds", 30),
         ),
         kubernetes=kubernetes,
+        docker=docker,
         notifications=NotificationSettings(
             on_failure=n.get("on_failure", True),
             on_success=n.get("on_success", False),

@@ -20,6 +20,7 @@ from genai_dags.settings import PipelineSettings
 @dataclass(frozen=True)
 class StageSpec:
     name: str
+    image: str  # which image of images/ runs it: <repository>/<image>:<tag>
     node_pool: str  # "cpu" or "gpu-spot" (a gpu-spot stage's last retry runs on "gpu-on-demand")
     cpu: str
     memory: str
@@ -41,6 +42,7 @@ STAGES: dict[str, StageSpec] = {
     for spec in (
         StageSpec(
             "tokenize",
+            "tokenizer",
             "cpu",
             cpu="4",
             memory="8Gi",
@@ -50,6 +52,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "train_lora",
+            "trainer",
             "gpu-spot",
             cpu="8",
             memory="32Gi",
@@ -59,6 +62,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "evaluate",
+            "evaluator",
             "gpu-spot",
             cpu="4",
             memory="16Gi",
@@ -68,6 +72,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "batch_infer",
+            "inferencer",
             "gpu-spot",
             cpu="4",
             memory="16Gi",
@@ -77,6 +82,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "merge_predictions",
+            "tokenizer",
             "cpu",
             cpu="1",
             memory="2Gi",
@@ -86,6 +92,7 @@ STAGES: dict[str, StageSpec] = {
         ),
         StageSpec(
             "publish",
+            "tokenizer",
             "cpu",
             cpu="1",
             memory="2Gi",
