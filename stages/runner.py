@@ -28,6 +28,7 @@ from stages.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143
+EXIT_FAILED = 1  # anything else: infrastructure or a bug; the orchestrator retries
 log = logging.getLogger("stages")
 
 
@@ -108,6 +109,10 @@ def run_stage(
     except Preempted as exc:
         log.warning("preempted: %s", exc)
         return EXIT_PREEMPTED
+    except store.StoreError as exc:  # the store kept failing: infrastructure, worth a retry, not a stack trace
+        log.error("%s", exc)
+        print(f"error: {name}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
@@ -152,7 +157,10 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
         except (Preempted, KeyboardInterrupt):
             raise
         except BaseException:
-            _clear_uncommitted(out_uri)  # nothing half-written stays behind
+            try:
+                _clear_uncommitted(out_uri)  # nothing half-written stays behind
+            except Exception as cleanup:  # a failing store must not hide the failure that matters
+                log.warning("could not remove the uncommitted outputs under %s: %s", out_uri, cleanup)
             raise
     committed = manifest.commit(
         out_uri,
