@@ -280,6 +280,10 @@ def generate_completions(
     tokenizer.padding_side = "left"
     stops = stop_token_ids(model, tokenizer)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    # A cache allocated once for prompt + new tokens and written in place, instead of one that grows by
+    # concatenation at every step: the same tokens, 3-15% faster on CPU (bench/bench_batch_infer.py).
+    # Models that declare static-cache (compile) support get it; others keep the default.
+    cache = {"cache_implementation": "static"} if getattr(model, "_can_compile_fullgraph", False) else {}
     order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
     outputs: list[list[int]] = [[] for _ in prompt_ids]
     batches = 0
@@ -292,7 +296,7 @@ def generate_completions(
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stops or None,
-            **({"do_sample": False} | sampling),
+            **({"do_sample": False} | sampling | cache),
         )
         width = padded["input_ids"].shape[1]
         for row, i in zip(generated[:, width:].tolist(), chunk, strict=True):

@@ -173,7 +173,7 @@ def window_loglikelihoods(
         for j, (i, (start_pos, end)) in enumerate(zip(chunk, spans, strict=True)):
             batch[j, :end] = torch.tensor(rows[i], dtype=torch.long)
             targets[j, start_pos:end] = torch.tensor(windows[i][2], dtype=torch.long)
-        logits = model(input_ids=batch.to(device)).logits
+        logits = model(input_ids=batch.to(device), use_cache=False).logits  # a KV cache is only for generating
         targets = targets.to(logits.device)
         sums = []
         for j, (start_pos, end) in enumerate(spans):

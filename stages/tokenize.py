@@ -14,6 +14,7 @@ of ``block_size``. Outputs under ``<artifact_root>/runs/<run_id>/tokenize/``:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -21,7 +22,8 @@ import sys
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -125,11 +127,27 @@ def decode(raw: bytes) -> tuple[str, bool]:
 
 
 def decoded_lines(uri: str) -> Iterator[tuple[int, str, bool]]:
-    # Decoding line by line is exact: byte 0x0A never occurs inside a multi-byte UTF-8 sequence.
+    # Decoding line by line is exact: byte 0x0A never occurs inside a multi-byte UTF-8 sequence. So is
+    # decoding a chunk of whole lines at once, which costs far less per line; only a chunk that holds
+    # invalid UTF-8 is decoded line by line, to flag and replace exactly the lines that hold it.
     with store.open_file(uri, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            text, invalid = decode(raw)
-            yield number, text, invalid
+        number = 0
+        while chunk := fh.readlines(1 << 20):
+            try:
+                lines = b"".join(chunk).decode("utf-8").split("\n")
+            except UnicodeDecodeError:
+                for raw in chunk:
+                    number += 1
+                    text, invalid = decode(raw)
+                    yield number, text, invalid
+                continue
+            last = lines.pop()  # "" when the chunk ends with a newline, else the file's unterminated last line
+            for line in lines:
+                number += 1
+                yield number, line + "\n", False
+            if last:
+                number += 1
+                yield number, last, False
 
 
 def read_text(uri: str, unit: str) -> Iterator[RawRecord]:
@@ -220,42 +238,106 @@ def read_records(uri: str, config: TokenizeConfig) -> Iterator[RawRecord]:
 # Cleaning
 
 _LINE_BREAKS = re.compile("\r\n?|[\v\f\x1c-\x1e\x85\u2028\u2029]")
+_LINE_BREAK_CHARS = "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 # Invisible characters that change dedup and tokenization but not meaning: C0/C1 controls except tab and
 # newline, byte-order marks, and lone surrogates (JSON escapes can produce them; they cannot be encoded).
 _INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ud800-\udfff]")
-_SPACES = re.compile(r"[^\S\n]+")
-_SPACE_AT_LINE_EDGE = re.compile(r" ?\n ?")
+# Runs of whitespace other than newlines become one space; written to match only where that changes
+# something (a run of two or more, or one character that is not a space), not at every single space.
+_SPACES = re.compile(r"[^\S\n]{2,}|[^\S \n]")
+# Text whose only whitespace is spaces and newlines (nearly all) needs just the runs of spaces collapsed,
+# which a pattern starting with a literal finds several times faster. These are the other whitespace
+# characters that can reach that step (the steps before turn the rest into newlines or remove them).
+_SPACE_RUNS = re.compile(" {2,}")
+_OTHER_SPACES = "".join(
+    c
+    for c in map(chr, range(0x10000))  # no character above the BMP is whitespace
+    if c.isspace() and c not in " \n" and not _LINE_BREAKS.match(c) and not _INVISIBLE.match(c)
+)
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def clean(text: str, form: str) -> str:
+    return _clean_steps(text, form).strip()
+
+
+def _clean_steps(text: str, form: str) -> str:
     text = unicodedata.normalize(form, text)
-    text = _LINE_BREAKS.sub("\n", text)
+    if any(c in text for c in _LINE_BREAK_CHARS):  # a substring search is far cheaper than a regex scan
+        text = _LINE_BREAKS.sub("\n", text)
     text = _INVISIBLE.sub("", text)
-    text = _SPACES.sub(" ", text)
-    text = _SPACE_AT_LINE_EDGE.sub("\n", text)
-    text = _BLANK_LINES.sub("\n\n", text)
-    return text.strip()
+    if any(c in text for c in _OTHER_SPACES):
+        text = _SPACES.sub(" ", text)
+    else:
+        text = _SPACE_RUNS.sub(" ", text)
+    # Every space left stands alone, so dropping the one on either side of each newline is two replaces.
+    text = text.replace(" \n", "\n").replace("\n ", "\n")
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
+    return text
 
 
-def ingest(files: list[str], config: TokenizeConfig) -> tuple[list[str], Counter]:
-    """Cleaned, unique documents in input order, and how many records were read, flagged and dropped."""
+# clean_many joins records with one of these, so that one pass of each step cleans thousands of them.
+# None is changed by any step or by Unicode normalisation, none composes with a neighbour (checked over
+# every code point, NFC/NFD/NFKC/NFKD: a separator is a starter that blocks reordering and composition),
+# none is whitespace for strip(). ASCII ones first: a string with only Latin-1 characters is scanned faster.
+_SEPARATORS = ("|", "~", "^", "`", "\ue000")
+
+
+def clean_many(texts: list[str], form: str) -> list[str]:
+    """``[clean(t, form) for t in texts]``, with one call per step for the whole list instead of one per record.
+
+    Short records (lines) spend most of their cleaning time in per-call overhead; joined, the same
+    regular expressions run over one long string. The separator must occur in no record, before and
+    after cleaning (NFKC turns a full-width ``｜`` into ``|``); when every one does, records are cleaned alone.
+    """
+    if not texts:
+        return []
+    for separator in _SEPARATORS:
+        joined = separator.join(texts)
+        if joined.count(separator) != len(texts) - 1:
+            continue
+        parts = _clean_steps(joined, form).split(separator)
+        if len(parts) == len(texts):
+            return [part.strip() for part in parts]
+    return [clean(t, form) for t in texts]
+
+
+# Records cleaned per clean_many call (or fewer, holding at most CLEAN_BATCH_CHARS characters): enough to
+# amortise the per-call overhead, small enough to stream.
+CLEAN_BATCH = 4096
+CLEAN_BATCH_CHARS = 4_000_000
+
+
+def ingest(
+    files: list[str], config: TokenizeConfig, on_documents: Callable[[list[str]], None] | None = None
+) -> tuple[list[str], Counter]:
+    """Cleaned, unique documents in input order, and how many records were read, flagged and dropped.
+
+    ``on_documents`` receives each group of newly kept documents as soon as they are known (the stage
+    tokenizes them while the next records are read and cleaned).
+    """
     counts: Counter = Counter()
     docs: list[str] = []
     seen: set[str] = set()  # holds the same string objects as docs: no second copy of the corpus
     first_bad = ""
-    for uri in files:
-        for record in read_records(uri, config):
-            counts["records_read"] += 1
-            counts["records_with_invalid_utf8"] += record.invalid_utf8
+
+    def keep(uri: str, records: list[RawRecord]) -> None:
+        nonlocal first_bad
+        counts["records_read"] += len(records)
+        counts["records_with_invalid_utf8"] += sum(r.invalid_utf8 for r in records)
+        usable = []
+        for record in records:
             if record.problem:
                 counts[record.problem] += 1
                 if not first_bad:
                     what = "not valid JSON" if record.problem == "bad_json" else f"no string {config.text_field!r}"
                     unit = "row" if file_format(uri, config.input_format) == "parquet" else "line"
                     first_bad = f"{uri} {unit} {record.line}: {what}"
-                continue
-            text = clean(record.text, config.normalization)
+            else:
+                usable.append(record.text)
+        kept_from = len(docs)
+        for text in clean_many(usable, config.normalization):
             if not text:
                 reason = "empty"
             elif len(text) < config.min_chars:
@@ -269,6 +351,19 @@ def ingest(files: list[str], config: TokenizeConfig) -> tuple[list[str], Counter
                 docs.append(text)
                 continue
             counts[reason] += 1
+        if on_documents is not None and len(docs) > kept_from:
+            on_documents(docs[kept_from:])
+
+    for uri in files:
+        records: list[RawRecord] = []
+        chars = 0
+        for record in read_records(uri, config):
+            records.append(record)
+            chars += len(record.text or "")
+            if len(records) == CLEAN_BATCH or chars >= CLEAN_BATCH_CHARS:
+                keep(uri, records)
+                records, chars = [], 0
+        keep(uri, records)
 
     read = counts["records_read"]
     if read == 0:
@@ -303,30 +398,83 @@ def split_documents(n_docs: int, fraction: float, seed: int) -> tuple[np.ndarray
     return order[n_validation:], order[:n_validation]
 
 
-def token_ids(tokenizer: Any, docs: list[str], order: np.ndarray, batch_size: int) -> np.ndarray:
-    """One flat int32 array: each document's tokens followed by end-of-text, in ``order``."""
-    eos = tokenizer.eos_token_id
-    if tokenizer.is_fast:
-        backend = tokenizer.backend_tokenizer
-        # The Python wrapper converts every encoding to lists twice; the Rust batch call uses all cores.
-        backend.no_truncation()
-        backend.no_padding()
+class Encoder:
+    """Token ids of documents, in the order they are added, computed while the caller reads the next ones.
 
-        def encode(batch: list[str]) -> list[list[int]]:
-            return [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
-    else:
+    A fast (Rust) tokenizer releases the GIL and spreads each batch over all cores, so reading and
+    cleaning (Python, one core) overlap with tokenizing; a slow tokenizer encodes in the caller's thread.
+    ``finish`` returns every document's ids end to end in one int32 array, and each document's length.
+    """
 
-        def encode(batch: list[str]) -> list[list[int]]:
-            return tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    def __init__(self, tokenizer: Any, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.pending: list[str] = []
+        self.results: list[Any] = []
+        if tokenizer.is_fast:
+            backend = tokenizer.backend_tokenizer
+            # The Python wrapper converts every encoding to lists twice; the Rust batch call uses all cores.
+            backend.no_truncation()
+            backend.no_padding()
+            self.encode = lambda batch: [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        else:
+            self.encode = lambda batch: tokenizer(batch, add_special_tokens=False, return_attention_mask=False)[
+                "input_ids"
+            ]
+            self.pool = None
 
-    parts = []
-    for start in range(0, len(order), batch_size):
-        flat: list[int] = []
-        for ids in encode([docs[i] for i in order[start : start + batch_size]]):
-            flat.extend(ids)
-            flat.append(eos)
-        parts.append(np.array(flat, dtype=np.int32))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    def add(self, docs: list[str]) -> None:
+        self.pending.extend(docs)
+        while len(self.pending) >= self.batch_size:
+            self._submit(self.pending[: self.batch_size])
+            del self.pending[: self.batch_size]
+
+    def _submit(self, batch: list[str]) -> None:
+        if self.pool is None:
+            self.results.append(self._encode_flat(batch))
+        else:
+            self.results.append(self.pool.submit(self._encode_flat, batch))
+
+    def _encode_flat(self, batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.encode(batch)
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        return np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum())), lengths
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.pending:
+            self._submit(self.pending)
+            self.pending = []
+        parts = [r if isinstance(r, tuple) else r.result() for r in self.results]
+        if not parts:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def token_ids(ids: np.ndarray, lengths: np.ndarray, order: np.ndarray, eos: int) -> np.ndarray:
+    """One flat int32 array: each document's tokens followed by end-of-text, in ``order``.
+
+    ``ids`` holds every document's tokens end to end (in document index order) and ``lengths`` their
+    counts. Copied with array operations in slices of about a million tokens (bounded scratch memory).
+    """
+    if len(order) == 0:
+        return np.zeros(0, dtype=np.int32)
+    starts = np.cumsum(lengths) - lengths
+    counts = lengths[order]
+    out = np.empty(int(counts.sum()) + len(order), dtype=np.int32)
+    ends = np.cumsum(counts + 1)  # end of each document's slot in out, its end-of-text included
+    out[ends - 1] = eos
+    cumulative = np.cumsum(counts)
+    cuts = np.unique(np.searchsorted(cumulative, np.arange(1 << 20, int(cumulative[-1]) + 1, 1 << 20)) + 1)
+    bounds = [0, *cuts[cuts < len(order)].tolist(), len(order)]
+    for lo, hi in itertools.pairwise(bounds):
+        n = counts[lo:hi]
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        out[np.repeat(ends[lo:hi] - n - 1, n) + within] = ids[np.repeat(starts[order[lo:hi]], n) + within]
+    return out
 
 
 def pack(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
@@ -364,7 +512,13 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     if not files:
         raise UserError(f"input_uri={config.input_uri!r} matches no files")
     log.info("reading %d file(s) from %s", len(files), config.input_uri)
-    docs, counts = ingest(files, config)
+    started = time.perf_counter()  # reading, cleaning and tokenizing overlap: timed together
+    encoder = Encoder(tokenizer, config.batch_size)
+    try:
+        docs, counts = ingest(files, config, on_documents=encoder.add)
+        ids, lengths = encoder.finish()
+    finally:
+        encoder.close()
     train_order, validation_order = split_documents(len(docs), config.validation_fraction, config.seed)
     log.info(
         "%d of %d records kept; %d train / %d validation documents",
@@ -373,10 +527,9 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
         len(train_order),
         len(validation_order),
     )
-
-    started = time.perf_counter()
-    train_ids = token_ids(tokenizer, docs, train_order, config.batch_size)
-    validation_ids = token_ids(tokenizer, docs, validation_order, config.batch_size)
+    train_ids = token_ids(ids, lengths, train_order, tokenizer.eos_token_id)
+    validation_ids = token_ids(ids, lengths, validation_order, tokenizer.eos_token_id)
+    del ids, lengths
     seconds = time.perf_counter() - started
     train_blocks, train_dropped = pack(train_ids, config.block_size)
     validation_blocks, validation_dropped = pack(validation_ids, config.block_size)

@@ -110,7 +110,8 @@ def load_blocks(dataset_uri: str) -> np.ndarray:
             train = datasets.load_from_disk(str(path))["train"]
         except (FileNotFoundError, KeyError) as exc:
             raise UserError(f"dataset_uri={dataset_uri!r} holds no tokenized train split: {exc}") from None
-        blocks = np.asarray(train.with_format("numpy")["input_ids"], dtype=np.int64)
+        # [:] reads the column as one array; indexing the column alone iterates it row by row in Python
+        blocks = np.asarray(train.with_format("numpy")[:]["input_ids"], dtype=np.int64)
     if blocks.ndim != 2 or len(blocks) == 0:
         raise UserError(f"dataset_uri={dataset_uri!r} has no training blocks")
     return blocks

