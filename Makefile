@@ -34,8 +34,9 @@ $(AZURITE_STAMP):
 	npm install --prefix build/node --no-audit --no-fund --no-save --loglevel=error azurite@$(AZURITE_VERSION); \
 	touch $@
 
+# The docker tier (tests/docker) runs when a Docker engine answers, else its tests report why they skip.
 test: install
-	$(PY) -m pytest -m "not gpu and not docker and not slow"
+	$(PY) -m pytest -m "not gpu and not slow"
 
 test-fast: install
 	$(PY) -m pytest -m "not integration and not gpu and not docker and not slow"
@@ -184,3 +185,29 @@ bench-quick: install $(BENCH_STAMP)
 
 bench-clean:
 	rm -rf artifacts/bench $(BENCH_SITE)
+
+# ---- Images (images/; README.md "Images" shows ECR, Artifact Registry and ACR) ----
+#   make build-images                       every image, tagged with the git revision and `latest`
+#   REGISTRY=<host>/<path> make push-images build, then push the revision tag
+#   make images-list                        the references the DAGs and chart use (kubernetes.image.repository = $(REGISTRY)/stages)
+#   make images-lock                        rewrite images/stage-base/*.lock from pyproject.toml and the venv
+#   make test-docker                        the docker tier only (tests/docker): builds the stage images, runs them
+# Settings (environment or make variables): REGISTRY, TAG, IMAGES, TORCH_VARIANT (cpu | cu128 ...),
+# BASE_IMAGE, AIRFLOW_BASE_IMAGE, STAGE_EXTRAS, EXTRA_CA_CERTS, DOCKER; see images/build.sh.
+.PHONY: build-images push-images images-list images-lock test-docker
+export REGISTRY TAG IMAGES TORCH_VARIANT BASE_IMAGE AIRFLOW_BASE_IMAGE STAGE_EXTRAS EXTRA_CA_CERTS DOCKER
+
+build-images:
+	images/build.sh build
+
+push-images:
+	images/build.sh push
+
+images-list:
+	@images/build.sh list
+
+images-lock: install
+	$(PY) images/lock.py
+
+test-docker: install
+	$(PY) -m pytest -m docker tests/docker

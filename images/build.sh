@@ -43,7 +43,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 2; }
 
 # A Docker reference: lowercase host[:port] and path components (distribution/reference grammar).
 component='[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*'
-if ! [[ $REGISTRY =~ ^[a-zA-Z0-9.-]+(:[0-9]+)?(/$component)*$ ]] || [[ $REGISTRY =~ [A-Z] ]]; then
+host='[a-z0-9]([a-z0-9.-]*[a-z0-9])?'
+if ! [[ $REGISTRY =~ ^$host(:[0-9]+)?(/$component)*$ ]]; then
   die "REGISTRY='$REGISTRY' is not a valid image repository prefix: use lowercase host[:port]/path, for example
   123456789012.dkr.ecr.eu-west-1.amazonaws.com/genai (ECR), europe-west4-docker.pkg.dev/my-project/genai
   (Artifact Registry) or myregistry.azurecr.io/genai (ACR)"

@@ -128,7 +128,7 @@ class TestStageNamespace:
         assert only(objects, "Namespace")["metadata"]["name"] == defaults.namespace
         assert only(objects, "ServiceAccount")["metadata"]["name"] == defaults.service_account
         pod = only(objects, "Pod")
-        assert pod["spec"]["containers"][0]["image"] == f"{defaults.image_repository}:{defaults.image_tag}"
+        assert pod["spec"]["containers"][0]["image"] == f"{defaults.image_repository}/trainer:{defaults.image_tag}"
         assert pod["spec"]["securityContext"]["runAsUser"] == defaults.run_as_user
         quota = only(objects, "ResourceQuota")["spec"]["hard"]
         assert f"requests.{defaults.gpu_resource}" in quota
@@ -505,7 +505,7 @@ class TestArtifactCheckPod:
         assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
         assert pod["metadata"]["namespace"] == k["namespace"]
         assert pod["spec"]["serviceAccountName"] == k["service_account"]
-        assert pod["spec"]["containers"][0]["image"] == f"{k['image']['repository']}:{k['image']['tag']}"
+        assert pod["spec"]["containers"][0]["image"] == f"{k['image']['repository']}/trainer:{k['image']['tag']}"
         env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
         assert env["ARTIFACT_ROOT"] == pipeline_configs[target]["artifact_root"]
 

@@ -72,13 +72,14 @@ two in step).
 {{- toJson $out -}}
 {{- end }}
 
-{{/* The stage image exactly as the DAGs build it (settings.PipelineSettings.image_for). */}}
+{{/* The trainer's image exactly as the DAGs build it (settings.PipelineSettings.image_for):
+     <repository>/trainer:<tag>, or the shared stage base <repository>@<digest> when a digest pins it. */}}
 {{- define "genai.stageImage" -}}
 {{- $p := include "genai.pipeline" . | fromJson -}}
 {{- if $p.imageDigest -}}
 {{- printf "%s@%s" $p.imageRepository $p.imageDigest -}}
 {{- else -}}
-{{- printf "%s:%s" $p.imageRepository $p.imageTag -}}
+{{- printf "%s/trainer:%s" $p.imageRepository $p.imageTag -}}
 {{- end -}}
 {{- end }}
 
