@@ -193,9 +193,9 @@ bench-clean:
 #   make images-lock                        rewrite images/stage-base/*.lock from pyproject.toml and the venv
 #   make test-docker                        the docker tier only (tests/docker): builds the stage images, runs them
 # Settings (environment or make variables): REGISTRY, TAG, IMAGES, TORCH_VARIANT (cpu | cu128 ...),
-# BASE_IMAGE, AIRFLOW_BASE_IMAGE, STAGE_EXTRAS, EXTRA_CA_CERTS, DOCKER; see images/build.sh.
+# BASE_IMAGE, AIRFLOW_BASE_IMAGE, STAGE_EXTRAS, EXTRA_CA_CERTS, DOCKER; see images/build.sh (make passes
+# variables given on its command line to it in the environment).
 .PHONY: build-images push-images images-list images-lock test-docker
-export REGISTRY TAG IMAGES TORCH_VARIANT BASE_IMAGE AIRFLOW_BASE_IMAGE STAGE_EXTRAS EXTRA_CA_CERTS DOCKER
 
 build-images:
 	images/build.sh build
