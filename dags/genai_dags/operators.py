@@ -103,7 +103,7 @@ class LocalStageOperator(BaseOperator):
         with tempfile.TemporaryDirectory(prefix=f"genai-{self.stage}-") as tmp:
             result_path = Path(tmp) / "result.json"
             env = {
-                **os.environ,
+                **stage_environment(os.environ),
                 "STAGE_RESULT_PATH": str(result_path),
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [self.workdir, os.environ.get("PYTHONPATH")])),
@@ -172,6 +172,16 @@ class LocalStageOperator(BaseOperator):
         _signal_group(proc.pid, signal.SIGKILL)  # whatever is left in the group (usually nothing)
         if proc.poll() is None:
             proc.wait()
+
+
+# Airflow's own secrets: connections, variables, and its configuration (database URL, Fernet and API keys).
+AIRFLOW_ONLY = ("AIRFLOW_CONN_", "AIRFLOW_VAR_", "AIRFLOW__")
+
+
+def stage_environment(environ: Any) -> dict[str, str]:
+    """The worker's environment without Airflow's secrets: stage code never imports Airflow, and a stage pod
+    gets none of them either. Cloud credentials (AWS_*, GOOGLE_*, AZURE_*) stay: the stages need them."""
+    return {k: v for k, v in environ.items() if not k.startswith(AIRFLOW_ONLY)}
 
 
 def _signal_group(pgid: int, sig: int) -> None:
