@@ -44,6 +44,13 @@ test-fast: install
 test-storage: install
 	$(PY) -m pytest -m storage tests/storage
 
+# The faults tier (tests/faults): preemption, kills mid-write, a flaky store, hostile confs and data,
+# planted secrets; ends with the summary table that docs/reliability.md shows. `make test` runs the
+# part of it that is not also marked slow.
+.PHONY: test-faults
+test-faults: install
+	$(PY) -m pytest -m faults tests/faults
+
 quality: install
 	$(VENV)/bin/ruff check stages dags tests
 	$(VENV)/bin/ruff format --check stages dags tests
