@@ -6,11 +6,17 @@ make test-docker        (or: .venv/bin/python -m pytest -m docker tests/docker/t
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 from genai_dags.stage_specs import STAGES
-from tests.docker.conftest import docker
+from tests.docker.conftest import ROOT, build_env, docker
 
 pytestmark = pytest.mark.docker
 
@@ -74,16 +80,11 @@ def test_stage_images_are_well_under_two_gigabytes(stage_images):
     assert all(abs(size - base) < 1e6 for size in sizes.values()), sizes
 
 
-def test_a_code_only_change_rebuilds_in_seconds(stage_images, tmp_path):
-    """Only the code layer and what follows is rebuilt: the dependency layers come from the cache."""
-    import os
-    import shutil
-    import subprocess
-    import time
+PROBE_REGISTRY = "genai-probe.local/ci"
 
-    from tests.docker.conftest import ROOT, build_env
 
-    # A copy of the build context with one extra module in stages/: the same Dockerfile, a code change.
+def probe_context(tmp_path: Path) -> Path:
+    """A copy of the build context (the same Dockerfiles, code and wheels) that a test may change."""
     context = tmp_path / "ctx"
     for rel in ("stages", "images"):
         shutil.copytree(ROOT / rel, context / rel, ignore=shutil.ignore_patterns("__pycache__"))
@@ -92,21 +93,76 @@ def test_a_code_only_change_rebuilds_in_seconds(stage_images, tmp_path):
     (context / "build/wheels").mkdir(parents=True)
     for wheel in (ROOT / "build/wheels").glob("*.whl"):  # hard links: the same content, no 200 MB copy
         os.link(wheel, context / "build/wheels" / wheel.name)
+    return context
+
+
+def probe_build(context: Path, tag: str, **env: str) -> subprocess.CompletedProcess:
+    """Build the base and the trainer image from ``context`` under a throw-away registry name."""
+    return subprocess.run(
+        [context / "images/build.sh", "build"], cwd=context, capture_output=True, text=True,
+        env=build_env(IMAGES="stage-base trainer", TAG=tag, REGISTRY=PROBE_REGISTRY, **env),
+    )  # fmt: skip
+
+
+def remove_probe(tag: str) -> None:
+    for ref in (f"{PROBE_REGISTRY}/stages/trainer", f"{PROBE_REGISTRY}/stages"):
+        docker("image", "rm", f"{ref}:{tag}", f"{ref}:latest", check=False)
+
+
+def saved_image_holds(ref: str, needles: list[bytes], tmp_path: Path) -> list[bytes]:
+    """The needles found anywhere in ``docker save`` of ``ref``: every layer, the config and its history."""
+    archive = tmp_path / "image.tar"
+    docker("save", "--output", str(archive), ref)
+    found: set[bytes] = set()
+    overlap = max(map(len, needles)) - 1
+    try:
+        with archive.open("rb") as fh:  # layers are stored uncompressed: their files' bytes appear as they are
+            tail = b""
+            while block := fh.read(16 << 20):
+                window = tail + block
+                found.update(n for n in needles if n in window)
+                tail = window[-overlap:]
+    finally:
+        archive.unlink()
+    return sorted(found)
+
+
+def test_a_code_only_change_rebuilds_in_seconds(stage_images, tmp_path):
+    """Only the code layer and what follows is rebuilt: the dependency layers come from the cache."""
+    context = probe_context(tmp_path)
     (context / "stages" / "_code_change_probe.py").write_text("MARKER = 1\n")
     start = time.monotonic()
-    done = subprocess.run(
-        [context / "images/build.sh", "build"], cwd=context, capture_output=True, text=True,
-        env=build_env(IMAGES="stage-base trainer", TAG="code-change-probe", REGISTRY="genai-probe.local/ci"),
-    )  # fmt: skip
+    done = probe_build(context, "code-change-probe")
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-3000:]
     print(f"\ncode-only rebuild of the base and one stage image: {seconds:.1f} s")
     assert seconds < 60, done.stdout[-3000:]
-    assert (
-        run(
-            "genai-probe.local/ci/stages/trainer:code-change-probe", "-c", "import stages._code_change_probe"
-        ).returncode
-        == 0
-    )
-    for ref in ("genai-probe.local/ci/stages/trainer", "genai-probe.local/ci/stages"):
-        docker("image", "rm", f"{ref}:code-change-probe", f"{ref}:latest", check=False)
+    probe = run(f"{PROBE_REGISTRY}/stages/trainer:code-change-probe", "-c", "import stages._code_change_probe")
+    assert probe.returncode == 0, probe.stderr
+    remove_probe("code-change-probe")
+
+
+def test_no_planted_secret_reaches_an_image_layer(stage_images, tmp_path):
+    """Secrets near a build (in the environment, in files beside the code, in the extra CA certificates
+    handed to pip) never land in a layer, the image config or its history; nor do the build host's CAs."""
+    planted = f"planted-{secrets.token_hex(16)}"
+    context = probe_context(tmp_path)
+    (context / ".env").write_text(f"AWS_SECRET_ACCESS_KEY={planted}\n")
+    ca = tmp_path / "corporate-ca.pem"
+    ca.write_text(f"-----BEGIN CERTIFICATE-----\n{planted}ca\n-----END CERTIFICATE-----\n")
+    (context / "stages" / "_secret_probe.py").write_text("MARKER = 2\n")  # the code layer is rebuilt
+    done = probe_build(context, "secret-probe", AWS_SECRET_ACCESS_KEY=planted, EXTRA_CA_CERTS=str(ca))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trusting extra CA certificates" in done.stdout  # the planted CA was handed to the build
+    try:
+        leaked = saved_image_holds(f"{PROBE_REGISTRY}/stages/trainer:secret-probe", [planted.encode()], tmp_path)
+    finally:
+        remove_probe("secret-probe")
+    assert leaked == []
+    # The session's own images were built from scratch with this host's extra CAs as a build secret (that
+    # RUN step is cached above): no certificate body of theirs is in any layer of the shared base.
+    host_ca = ROOT / "build/secrets/extra-ca.pem"
+    lines = host_ca.read_bytes().splitlines() if host_ca.exists() else []
+    bodies = [line for line in lines if len(line) >= 60 and b"-----" not in line][1:21]  # past the serial number
+    if bodies:
+        assert saved_image_holds(stage_images["stage-base"], bodies, tmp_path) == []
