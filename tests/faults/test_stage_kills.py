@@ -46,20 +46,48 @@ def prompts(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def stage_args(finetune_run, folio_corpus, base_corpus, prompts):
-    """The arguments of each stage for a given run id, upstream outputs taken from the session's run."""
+EVALUATE = ["max_eval_docs=16", "num_samples=1", "sample_max_new_tokens=4", "min_relative_improvement=-1"]
+
+
+def common_args(finetune_run) -> tuple[str, list[str], list[str]]:
     root = finetune_run["artifact_root"]
-    ft = f"{root}/runs/ft"
-    common = [f"artifact_root={root}", f"base_model={finetune_run['base_model']}"]
-    evaluate = ["max_eval_docs=16", "num_samples=1", "sample_max_new_tokens=4", "min_relative_improvement=-1"]
-    adapter = [f"adapter_uri={ft}/train_lora"]
-    infer = [*adapter, f"prompts_uri={prompts}", "max_new_tokens=6"]
-    # evaluate and two batch_infer shards, committed once, feed publish and merge_predictions
-    run_stage_cli("evaluate", *common, "run_id=kill-upstream", f"dataset_uri={ft}/tokenize", *adapter, *evaluate)
+    return (
+        root,
+        [f"artifact_root={root}", f"base_model={finetune_run['base_model']}"],
+        [f"adapter_uri={root}/runs/ft/train_lora"],
+    )
+
+
+@pytest.fixture(scope="module")
+def upstream(finetune_run, prompts) -> str:
+    """evaluate and two batch_infer shards, committed once: the inputs of publish and merge_predictions."""
+    root, common, adapter = common_args(finetune_run)
+    run_stage_cli(
+        "evaluate", *common, "run_id=kill-upstream", f"dataset_uri={root}/runs/ft/tokenize", *adapter, *EVALUATE
+    )
     for shard in (0, 1):
-        run_stage_cli("batch_infer", *common, "run_id=kill-upstream", *infer, f"shard_index={shard}", "num_shards=2")
-    upstream = f"{root}/runs/kill-upstream"
+        run_stage_cli(
+            "batch_infer",
+            *common,
+            "run_id=kill-upstream",
+            *adapter,
+            f"prompts_uri={prompts}",
+            "max_new_tokens=6",
+            f"shard_index={shard}",
+            "num_shards=2",
+        )
+    return f"{root}/runs/kill-upstream"
+
+
+@pytest.fixture
+def stage_args(request, finetune_run, folio_corpus, base_corpus, prompts):
+    """The arguments of each stage for a given run id, upstream outputs taken from the session's run."""
+    root, common, adapter = common_args(finetune_run)
+    ft = f"{root}/runs/ft"
+    evaluate = EVALUATE
+    infer = [*adapter, f"prompts_uri={prompts}", "max_new_tokens=6"]
+    needs_upstream = request.node.callspec.params["stage"] in ("publish", "merge_predictions")
+    upstream = request.getfixturevalue("upstream") if needs_upstream else ""
     return {
         "tokenize": lambda run_id: [*common, f"run_id={run_id}", f"input_uri={folio_corpus}", "min_chars=20"],
         "evaluate": lambda run_id: [*common, f"run_id={run_id}", f"dataset_uri={ft}/tokenize", *adapter, *evaluate],
