@@ -187,8 +187,9 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise UserError(f"{where}: not valid UTF-8: {_show(raw)}") from None
-        except ValueError as exc:
-            raise UserError(f"{where}: not valid JSON ({exc}): {_show(raw.decode('utf-8').rstrip())}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+            reason = exc if isinstance(exc, ValueError) else "nested too deeply"
+            raise UserError(f"{where}: not valid JSON ({reason}): {_show(raw.decode('utf-8').rstrip())}") from None
         if not isinstance(obj, dict):
             raise UserError(f"{where}: a record must be a JSON object, not {_show(obj)}")
         if config.id_field not in obj:

@@ -201,8 +201,10 @@ def _clear_uncommitted(out_uri: str) -> None:
     for rel in files:
         if not rel.startswith(tuple(committed)):
             store.remove(store.join(out_uri, rel))
-    if store.is_local(out_uri):  # object stores have no empty folders; local disk keeps them
+    if store.is_local(out_uri):  # object stores have no empty folders or temp files; local disk keeps them
         root = store.local_path(out_uri)
+        for tmp in root.glob("**/.*.tmp-*"):  # an atomic write cut short (store.write_bytes)
+            tmp.unlink(missing_ok=True)
         for folder in sorted(root.glob("**/"), reverse=True):
             working_state = folder.relative_to(root).parts[:1] == ("checkpoints",)
             if not working_state and not any(folder.iterdir()):

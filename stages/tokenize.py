@@ -183,7 +183,7 @@ def read_jsonl(uri: str, text_field: str) -> Iterator[RawRecord]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             yield RawRecord(number, None, invalid, "bad_json")
             continue
         text = obj.get(text_field) if isinstance(obj, dict) else None

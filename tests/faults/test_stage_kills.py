@@ -1,7 +1,6 @@
 """SIGKILL every stage but train_lora in the middle of a write, then rerun it: nothing half-written is
-ever taken as committed, and the rerun completes with outputs that match their manifest. (The temp
-file of an atomic write cut short stays behind on local disk, named ``.<name>.tmp-*``: never listed
-as an output, never committed, but not removed either.)
+ever taken as committed, and the rerun completes with outputs that match their manifest and removes
+the temp file of the atomic write that was cut short (``.<name>.tmp-*`` on local disk).
 
 Each stage runs through ``die_at_write.py`` (the real stage, its store writes counted), which kills it
 in its first write, in a middle one and in its last one (``manifest.json``, the commit itself) and
@@ -168,6 +167,7 @@ def test_a_stage_killed_mid_write_commits_nothing_and_its_rerun_completes(
             and set(committed.get("outputs", {})) == set(reference["outputs"])
             and files.get(torn_rel) != torn.get("sha256")  # the torn bytes were replaced, not committed
             and not [rel for rel in committed.get("outputs", {}) if "/." in f"/{rel}"]  # no temp file committed
+            and not list(out.glob("**/.*.tmp-*"))  # nor left behind
         )
         data_lost = lost_outputs(out)
         tally.fault("other stages: SIGKILL mid-write + rerun", survived=ok, data_lost=data_lost)
