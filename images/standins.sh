@@ -20,8 +20,9 @@ AIRFLOW_IMAGE=${AIRFLOW_STANDIN:-apache/airflow:$AIRFLOW_VERSION-python3.11}
 python_standin() {
   command -v debootstrap >/dev/null || { echo "error: debootstrap is missing (apt-get install debootstrap)" >&2; exit 2; }
   if [ -z "${MIRROR:-}" ]; then
-    MIRROR=$(grep -rhoE '^(URIs:|deb) +https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
-      | awk '{print $2}' | grep -v security | head -1)
+    # Only the files apt reads (*.list, *.sources), and a Debian archive among them (not a vendor's repository).
+    MIRROR=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+      | grep -oE '^(URIs:|deb) +https?://[^ ]+' | awk '{print $2}' | grep -E '/debian/?$' | head -1 || true)
   fi
   MIRROR=${MIRROR:-http://deb.debian.org/debian}
   rootfs=$(mktemp -d)
