@@ -1,6 +1,6 @@
 """The docker runtime: a stage in a local container from its image, with the artifact root mounted.
 
-    GENAI_PIPELINE_CONFIG=values/local/pipeline-docker.yaml make airflow     (after make build-images)
+    make build-images, then a pipeline config with ``runtime: docker`` (dags/README.md) and make airflow
 
 The container gets what a Kubernetes pod gets (``pod_operator.pod_kwargs``): the same image, the same
 ``python -m stages.<name>`` command and arguments, the same environment, a non-root user, a read-only
