@@ -54,6 +54,19 @@ log = logging.getLogger(__name__)
 # Azure's SDK logs every request and its headers at INFO; the stages log at INFO.
 logging.getLogger("azure").setLevel(logging.WARNING)
 
+
+class _WithoutTraceback(logging.Filter):
+    """Keep a storage library's line about a failed request, drop its stack trace: the store retries
+    the operation and, when it keeps failing, reports it in one line that names the URI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = record.exc_text = None
+        return True
+
+
+for _library in ("gcsfs", "s3fs", "adlfs.spec"):  # the loggers these libraries log their retries on
+    logging.getLogger(_library).addFilter(_WithoutTraceback())
+
 ALLOWED_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "az", "memory")
 RETRIES = 4  # default of STAGE_STORE_ATTEMPTS
 CHUNK = 8 << 20  # streaming block: memory per open stream stays at this, whatever the file size
