@@ -118,6 +118,13 @@ def test_gpu_stages_request_a_gpu_and_run_on_spot_capacity_first(cloud, pods):
             assert SPOT_KEYS[cloud] not in pod["spec"]["nodeSelector"]
 
 
+def test_training_and_inference_get_their_own_priority_class_on_every_try(pods, last_try_pods):
+    """train_lora and batch_infer share the GPU pools; their PriorityClasses let inference preempt training."""
+    expected = {"train_lora": "genai-training", "evaluate": "genai-inference", "batch_infer": "genai-inference"}
+    for name, pod in [*pods.items(), *last_try_pods.items()]:
+        assert pod["spec"].get("priorityClassName") == expected.get(stage_of(pod)), name
+
+
 def test_aks_spot_pods_tolerate_the_spot_taint_exactly():
     pods = render_pods.render_all(config_path("aks"))
     trainer = pods["genai_finetune.train_lora"]

@@ -34,10 +34,12 @@ class StagePodOperator(KubernetesPodOperator):
         stage: str,
         node_pool: NodePool | None = None,
         fallback_node_pool: NodePool | None = None,
+        stage_priority_class: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stage = stage
+        self.stage_priority_class = stage_priority_class
         self.node_pool = node_pool or NodePool()
         # GPU stages: the pool that the last try uses when spot capacity keeps being reclaimed.
         self.fallback_node_pool = fallback_node_pool
@@ -65,7 +67,7 @@ class StagePodOperator(KubernetesPodOperator):
             )
         self.node_selector = dict(pool.node_selector)
         self.tolerations = _tolerations(pool)
-        self.priority_class_name = pool.priority_class or None
+        self.priority_class_name = self.stage_priority_class or pool.priority_class or None
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
         pod.metadata.labels["genai-pipelines.io/capacity"] = capacity
         return pod
@@ -119,6 +121,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
     return {
         "node_pool": k.node_pools[pool_name],
         "fallback_node_pool": k.node_pools["gpu-on-demand"] if pool_name == "gpu-spot" else None,
+        "stage_priority_class": stage.priority_class,
         "name": f"genai-{stage.name.replace('_', '-')}",
         "namespace": k.namespace,
         "service_account_name": k.service_account,

@@ -66,6 +66,7 @@ _STAGE_OVERRIDE = _obj(
         "gpu": {"type": "integer", "minimum": 0, "maximum": 16},
         "timeout_minutes": {"type": "integer", "minimum": 1, "maximum": 7 * 24 * 60},
         "image": {"type": "string", "minLength": 1},
+        "priority_class": {"type": "string", "pattern": r"^$|" + _NAME},
     }
 )
 
@@ -194,6 +195,8 @@ class StageOverride:
     gpu: int | None = None
     timeout_minutes: int | None = None
     image: str | None = None
+    # Kubernetes runtime: this stage's PriorityClass, over its node pool's (training and inference share gpu-spot).
+    priority_class: str | None = None
 
 
 @dataclass(frozen=True)

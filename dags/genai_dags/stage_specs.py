@@ -114,6 +114,7 @@ class ResolvedStage:
     gpu: int
     timeout: timedelta
     image: str
+    priority_class: str = ""  # empty: the node pool's
 
     @property
     def name(self) -> str:
@@ -139,4 +140,5 @@ def resolve(name: str, settings: PipelineSettings) -> ResolvedStage:
         gpu=spec.gpu if o.gpu is None else o.gpu,
         timeout=timedelta(minutes=o.timeout_minutes) if o.timeout_minutes else spec.timeout,
         image=settings.image_for(name),
+        priority_class=o.priority_class or "",
     )

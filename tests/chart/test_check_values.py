@@ -121,6 +121,16 @@ BAD_VALUES = [
         ["node_pools.cpu.priority_class=genai-training is not created by this chart"],
     ),
     (
+        "unknown-stage-priority-class",
+        "gke",
+        None,
+        pipeline_with("gke", {"stages.train_lora.priority_class": "genai-batch"}),
+        [
+            "stages.train_lora.priority_class=genai-batch is not created by this chart",
+            "names: genai-training, genai-inference",
+        ],
+    ),
+    (
         "artifact-check-on-a-local-root",
         "local",
         {"artifactCheck": {"enabled": True}},

@@ -68,6 +68,7 @@ two in step).
   "gpuResource" (default "nvidia.com/gpu" (get $k "gpu_resource"))
   "labels" (default dict (get $k "labels"))
   "nodePools" $pools
+  "stages" (default dict (get $parsed "stages"))
 -}}
 {{- toJson $out -}}
 {{- end }}
