@@ -35,6 +35,9 @@ def airflow_env(home: Path) -> dict[str, str]:
         # Four task slots: the stages use every core anyway; Airflow's default of 32 costs gigabytes.
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        # Store every parse of a DAG: with Airflow's default (at most one write per 30 s), a DAG parsed again
+        # under another pipeline config within 30 s would run as the stale version (old outlets, old args).
+        "AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL": "0",
         "AIRFLOW__API__BASE_URL": os.environ.get("AIRFLOW__API__BASE_URL", "http://localhost:8080"),
     }
 
