@@ -58,15 +58,36 @@ def test_every_dag_file_imports_without_errors(config):
     assert set(load_dags(config)) == DAG_IDS
 
 
-def test_parsing_the_dags_loads_neither_torch_nor_the_stage_modules():
+K8S_OPERATORS = "airflow.providers.cncf.kubernetes.operators"
+DOCKER_OPERATORS = "airflow.providers.docker.operators"
+
+
+@pytest.mark.parametrize(
+    ("runtime", "config", "unloaded"),
+    [
+        ("local", "", (K8S_OPERATORS, "kubernetes", DOCKER_OPERATORS, "docker")),
+        ("docker", "runtime: docker\n", (K8S_OPERATORS, "kubernetes")),
+        ("kubernetes", "values/gke/pipeline.yaml", (DOCKER_OPERATORS, "docker")),
+    ],
+)
+def test_parsing_the_dags_loads_neither_torch_nor_the_stage_modules_nor_another_runtime(
+    tmp_path, runtime, config, unloaded
+):
+    if config.endswith(".yaml"):
+        path = ROOT / config
+    else:
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(config or "runtime: local\n")
     code = (
         "import sys; sys.path.insert(0, 'dags');"
         "from genai_dags import local_airflow; local_airflow.configure_for_tests();"
-        "from genai_dags.render_pods import load_dags; load_dags(None);"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m == 'stages' or m.startswith('stages.'));"
+        f"from genai_dags.render_pods import load_dags; load_dags({str(path)!r});"
+        f"prefixes = ('torch', 'stages', *{unloaded!r});"
+        "bad = sorted(m for m in sys.modules if m in prefixes or m.startswith(tuple(p + '.' for p in prefixes)));"
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dag_id", sorted(DAG_IDS))

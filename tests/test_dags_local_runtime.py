@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from genai_dags.operators import LocalStageOperator, StageUserError
+from genai_dags.local_operator import LocalStageOperator
+from genai_dags.stage_contract import StageUserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,7 @@ import json, os, signal, sys
 sys.path.insert(0, {dags!r})
 from genai_dags import local_airflow
 local_airflow.configure({home!r})
-from genai_dags.operators import LocalStageOperator
+from genai_dags.local_operator import LocalStageOperator
 op = LocalStageOperator(task_id="sleeper", stage="sleeper", workdir={workdir!r}, kill_grace_seconds=5)
 # Exactly what Airflow's task runner does on SIGTERM (airflow.sdk.execution_time.task_runner._on_term).
 signal.signal(signal.SIGTERM, lambda signum, frame: op.on_kill())

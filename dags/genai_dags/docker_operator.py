@@ -2,8 +2,8 @@
 
     make build-images, then a pipeline config with ``runtime: docker`` (dags/README.md) and make airflow
 
-The container gets what a Kubernetes pod gets (``pod_operator.pod_kwargs``): the same image, the same
-``python -m stages.<name>`` command and arguments, the same environment, a non-root user, a read-only
+The container gets what a Kubernetes pod gets: the same image, the same ``python -m stages.<name>``
+command and arguments, the same environment (``stage_contract.container_environment``), a non-root user, a read-only
 root filesystem with a scratch ``/tmp``, no capabilities and no privilege escalation. The local artifact
 root is mounted read-write at its own path, so every URI means the same inside and outside; the paths
 in ``docker.mounts`` (input data) are mounted read-only the same way. Exit 2 (the user's mistake) fails
@@ -20,17 +20,10 @@ from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk.exceptions import AirflowException
 from docker.types import DeviceRequest, Mount
 
-from genai_dags.operators import (
-    EXIT_USER_ERROR,
-    StageUserError,
-    _parse_result,
-    _user_error_message,
-    record_outlet_events,
-)
 from genai_dags.settings import PipelineSettings
+from genai_dags.stage_contract import EXIT_USER_ERROR, container_environment, finish, parse_result, user_error
 from genai_dags.stage_specs import ResolvedStage
 
-RESULT_PATH_IN_CONTAINER = "/airflow/xcom/return.json"  # the path the kubernetes runtime uses too
 DEFAULT_UID = 10001  # the images' own user (images/stage-base), used when Airflow itself runs as root
 
 
@@ -87,7 +80,7 @@ class StageDockerOperator(DockerOperator):
             logs = [str(line) for line in (exc.logs or [])]
             code = self._exit_code()
             if code == EXIT_USER_ERROR:
-                raise StageUserError(_user_error_message(self.stage, logs)) from exc
+                raise user_error(self.stage, logs) from exc
             raise AirflowException(
                 f"stage {self.stage} exited {code} in {self.image}; last lines:\n" + "\n".join(logs[-10:])
             ) from exc
@@ -95,15 +88,7 @@ class StageDockerOperator(DockerOperator):
             self._remove_container()
         lines = lines if isinstance(lines, list) else [lines or ""]
         json_line = next((line for line in reversed(lines) if str(line).startswith("{")), None)
-        result = _parse_result(self.stage, json_line)
-        self.log.info(
-            "stage %s: %s at %s",
-            self.stage,
-            "cache hit" if result.get("cache_hit") else "done",
-            result.get("output_uri"),
-        )
-        record_outlet_events(context, self.outlets, result)
-        return result
+        return finish(self.log, context, self.outlets, parse_result(self.stage, json_line))
 
     def _exit_code(self) -> int | None:
         try:
@@ -126,10 +111,7 @@ def _uid(settings: PipelineSettings) -> int:
 
 
 def docker_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, Any]:
-    """DockerOperator arguments of one stage; the environment is the pod's, from ``pod_kwargs``."""
-    from genai_dags.pod_operator import pod_kwargs  # the pod's env is the contract: one place defines it
-
-    pod = pod_kwargs(stage, settings)
+    """DockerOperator arguments of one stage."""
     root = settings.artifact_root.removeprefix("file://")
     mounts = [Mount(target=root, source=root, type="bind")]
     mounts += [Mount(target=path, source=path, type="bind", read_only=True) for path in settings.docker.mounts]
@@ -138,7 +120,7 @@ def docker_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str,
         "image": stage.image,
         "stage_command": list(stage.spec.command),
         "docker_url": settings.docker.url,
-        "environment": {**pod["env_vars"], "STAGE_RESULT_PATH": RESULT_PATH_IN_CONTAINER},
+        "environment": container_environment(stage.image),
         "user": f"{uid}:{uid}",
         "mounts": mounts,
         "mount_tmp_dir": False,  # /tmp is a tmpfs, like the pod's emptyDir

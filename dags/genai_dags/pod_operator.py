@@ -14,11 +14,9 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk.exceptions import AirflowException
 from kubernetes.client import models as k8s
 
-from genai_dags.operators import EXIT_USER_ERROR, StageUserError, record_outlet_events
 from genai_dags.settings import NodePool, PipelineSettings
+from genai_dags.stage_contract import EXIT_USER_ERROR, StageUserError, container_environment, finish
 from genai_dags.stage_specs import ResolvedStage
-
-RESULT_PATH_IN_POD = "/airflow/xcom/return.json"  # read by the provider's XCom sidecar
 
 
 def _tolerations(pool: NodePool) -> list[k8s.V1Toleration]:
@@ -46,9 +44,7 @@ class StagePodOperator(KubernetesPodOperator):
 
     def execute(self, context: Any) -> Any:
         result = super().execute(context)
-        if isinstance(result, dict):
-            record_outlet_events(context, self.outlets, result)
-        return result
+        return finish(self.log, context, self.outlets, result) if isinstance(result, dict) else result
 
     def capacity_for_try(self, try_number: int) -> tuple[str, NodePool]:
         """Spot for every try but the last; the last try (when there are retries) runs on on-demand capacity."""
@@ -133,15 +129,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
         "image": stage.image,
         "image_pull_policy": k.image_pull_policy,
         "cmds": stage.spec.command,
-        "env_vars": {
-            "STAGE_RESULT_PATH": RESULT_PATH_IN_POD,
-            "STAGE_IMAGE": stage.image,  # recorded in every manifest: the lineage of published models
-            "HOME": "/tmp",
-            "HF_HOME": "/tmp/hf-home",
-            "TMPDIR": "/tmp",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        },
+        "env_vars": container_environment(stage.image),
         "labels": {
             "app.kubernetes.io/name": "genai-stage",
             "app.kubernetes.io/component": stage.name.replace("_", "-"),

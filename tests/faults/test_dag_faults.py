@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from genai_dags import local_airflow
-from genai_dags.operators import LocalStageOperator
+from genai_dags.local_operator import LocalStageOperator
 from genai_dags.render_pods import pipeline_config
 from tests.conftest import ROOT
 from tests.faults.conftest import tree_hashes
