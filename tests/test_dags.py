@@ -405,20 +405,48 @@ def test_the_config_is_found_through_the_env_path_then_the_airflow_variable(monk
     assert settings.load_settings().artifact_root.startswith("abfs://")
 
 
+def test_the_config_reference_in_the_dags_readme_is_generated_from_the_settings_model():
+    readme = (ROOT / "dags/README.md").read_text()
+    assert settings.reference() in readme, "run: PYTHONPATH=dags python -m genai_dags.settings reference"
+
+
+def test_the_json_schema_of_the_settings_model_accepts_every_shipped_config_and_refuses_unknown_keys():
+    import jsonschema
+    import yaml
+
+    schema = settings.PipelineSettings.model_json_schema()
+    for path in CONFIGS:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError, match="artifact_roots"):
+        jsonschema.validate({"artifact_roots": "/x"}, schema)
+
+
 BAD_CONFIGS = [
-    ("unknown-key", "runtime: local\nartifact_roots: /x\n", "(top level): Additional properties are not allowed"),
-    ("unknown-runtime", "runtime: docker-swarm\n", "runtime: 'docker-swarm' is not one of"),
-    ("wrong-type", "retries: three\n", "retries: 'three' is not of type 'integer'"),
-    ("nested-unknown-key", "kubernetes: {nodepools: {}}\n", "kubernetes: Additional properties"),
+    (
+        "unknown-key",
+        "runtime: local\nartifact_roots: /x\n",
+        "artifact_roots: unknown key (did you mean 'artifact_root'?)",
+    ),
+    (
+        "unknown-runtime",
+        "runtime: docker-swarm\n",
+        "runtime: Input should be 'local', 'kubernetes' or 'docker' (got 'docker-swarm')",
+    ),
+    ("wrong-type", "retries: three\n", "retries: Input should be a valid integer"),
+    (
+        "nested-unknown-key",
+        "kubernetes: {nodepools: {}}\n",
+        "kubernetes.nodepools: unknown key (did you mean 'node_pools'?)",
+    ),
     (
         "bad-toleration",
         "kubernetes:\n  node_pools:\n    gpu-spot:\n      tolerations: [{key: a, operator: Equal, "
         "effect: NoSchedul}]\n",
-        "kubernetes.node_pools.gpu-spot.tolerations[0].effect: 'NoSchedul' is not one of",
+        "kubernetes.node_pools.gpu-spot.tolerations[0].effect: Input should be 'NoSchedule'",
     ),
-    ("unknown-node-pool", "kubernetes: {node_pools: {gpu-cheap: {}}}\n", "kubernetes.node_pools"),
-    ("bad-quantity", "stages: {train_lora: {memory: lots}}\n", "stages.train_lora.memory: 'lots' does not match"),
-    ("unknown-stage", "stages: {train: {gpu: 1}}\n", "stages"),
+    ("unknown-node-pool", "kubernetes: {node_pools: {gpu-cheap: {}}}\n", "kubernetes.node_pools.gpu-cheap: Input"),
+    ("bad-quantity", "stages: {train_lora: {memory: lots}}\n", "stages.train_lora.memory: String should match pattern"),
+    ("unknown-stage", "stages: {train: {gpu: 1}}\n", "stages.train: Input should be 'tokenize'"),
     ("bad-scheme", "artifact_root: ftp://host/x\n", "artifact_root='ftp://host/x' uses scheme 'ftp'"),
     ("kubernetes-on-local-disk", "runtime: kubernetes\nartifact_root: /data\n", "needs shared object storage"),
     (
@@ -429,7 +457,7 @@ BAD_CONFIGS = [
     (
         "smtp-without-recipients",
         "notifications: {smtp: {conn_id: smtp_default}}\n",
-        "notifications.smtp: 'to' is a required property",
+        "notifications.smtp.to: Field required",
     ),
     ("not-a-mapping", "- runtime: local\n", "must be a mapping"),
     ("invalid-yaml", "runtime: [local\n", "not valid YAML"),

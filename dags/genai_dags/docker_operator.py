@@ -20,9 +20,8 @@ from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk.exceptions import AirflowException
 from docker.types import DeviceRequest, Mount
 
-from genai_dags.settings import PipelineSettings
+from genai_dags.settings import PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import EXIT_USER_ERROR, container_environment, finish, parse_result, user_error
-from genai_dags.stage_specs import ResolvedStage
 
 DEFAULT_UID = 10001  # the images' own user (images/stage-base), used when Airflow itself runs as root
 

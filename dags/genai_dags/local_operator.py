@@ -21,9 +21,8 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from genai_dags.settings import PipelineSettings
+from genai_dags.settings import PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import EXIT_USER_ERROR, finish, local_environment, parse_result, user_error
-from genai_dags.stage_specs import ResolvedStage
 
 
 class LocalStageOperator(BaseOperator):

@@ -19,8 +19,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from genai_dags.settings import PipelineSettings
-from genai_dags.stage_specs import ResolvedStage, resolve
+from genai_dags.settings import PipelineSettings, ResolvedStage
 
 
 def _runtime(stage: ResolvedStage, settings: PipelineSettings) -> tuple[type[BaseOperator], dict[str, Any]]:
@@ -41,7 +40,7 @@ def _runtime(stage: ResolvedStage, settings: PipelineSettings) -> tuple[type[Bas
 def _operator(
     stage_name: str, settings: PipelineSettings, task_id: str | None, extra: dict[str, Any]
 ) -> tuple[type[BaseOperator], dict[str, Any]]:
-    stage = resolve(stage_name, settings)
+    stage = settings.stage(stage_name)
     cls, runtime_kwargs = _runtime(stage, settings)
     kwargs = {
         "task_id": task_id or stage_name,

@@ -14,9 +14,8 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk.exceptions import AirflowException
 from kubernetes.client import models as k8s
 
-from genai_dags.settings import NodePool, PipelineSettings
+from genai_dags.settings import NodePool, PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import EXIT_USER_ERROR, StageUserError, container_environment, finish
-from genai_dags.stage_specs import ResolvedStage
 
 
 def _tolerations(pool: NodePool) -> list[k8s.V1Toleration]:
@@ -127,7 +126,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
         "kubernetes_conn_id": k.kubernetes_conn_id,
         "in_cluster": k.in_cluster,
         "image": stage.image,
-        "image_pull_policy": k.image_pull_policy,
+        "image_pull_policy": k.image.pull_policy,
         "cmds": stage.spec.command,
         "env_vars": container_environment(stage.image),
         "labels": {

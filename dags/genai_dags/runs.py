@@ -14,7 +14,8 @@ import re
 from typing import Any
 
 from genai_dags.params import TUNABLES
-from genai_dags.settings import STAGE_NAMES, PipelineSettings
+from genai_dags.settings import PipelineSettings
+from genai_dags.stage_specs import STAGE_NAMES
 
 
 class PlanError(ValueError):

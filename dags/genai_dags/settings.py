@@ -15,288 +15,261 @@ the command, the service account, node selectors or privileges.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, field_validator
+
+from genai_dags.stage_specs import STAGE_NAMES, STAGES, StageSpec
 
 ENV_VAR = "GENAI_PIPELINE_CONFIG"
 AIRFLOW_VARIABLE = "genai_pipeline_config"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_POOLS = ("cpu", "gpu-spot", "gpu-on-demand")
 URI_SCHEMES = ("file", "s3", "gs", "abfs")
-STAGE_NAMES = ("tokenize", "train_lora", "evaluate", "batch_infer", "merge_predictions", "publish")
 
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
-_LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
-
-
-def _obj(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
-
-
-_TOLERATION = _obj(
-    {
-        "key": {"type": "string", "pattern": _LABEL_KEY},
-        "operator": {"enum": ["Equal", "Exists"]},
-        "value": {"type": "string"},
-        "effect": {"enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"]},
-    },
-    required=("key", "operator"),
-)
-_NODE_POOL = _obj(
-    {
-        "node_selector": {
-            "type": "object",
-            "propertyNames": {"pattern": _LABEL_KEY},
-            "additionalProperties": {"type": "string"},
-        },
-        "tolerations": {"type": "array", "items": _TOLERATION},
-        "priority_class": {"type": "string", "pattern": r"^$|" + _NAME},
-    }
-)
-_STAGE_OVERRIDE = _obj(
-    {
-        "cpu": {"type": "string", "pattern": _QUANTITY},
-        "memory": {"type": "string", "pattern": _QUANTITY},
-        "gpu": {"type": "integer", "minimum": 0, "maximum": 16},
-        "timeout_minutes": {"type": "integer", "minimum": 1, "maximum": 7 * 24 * 60},
-        "image": {"type": "string", "minLength": 1},
-        "priority_class": {"type": "string", "pattern": r"^$|" + _NAME},
-    }
-)
-
-CONFIG_SCHEMA: dict[str, Any] = _obj(
-    {
-        "runtime": {"enum": ["local", "kubernetes", "docker"]},
-        "artifact_root": {"type": "string", "minLength": 1},
-        "owner": {"type": "string", "minLength": 1},
-        "allowed_uri_schemes": {"type": "array", "items": {"enum": list(URI_SCHEMES)}, "minItems": 1},
-        "base_models": {
-            "type": "object",
-            "propertyNames": {"pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$"},
-            "additionalProperties": {"type": "string", "minLength": 1},
-        },
-        "retries": {"type": "integer", "minimum": 0, "maximum": 10},
-        "retry_delay_seconds": {"type": "integer", "minimum": 1},
-        "max_retry_delay_seconds": {"type": "integer", "minimum": 1},
-        "max_shards": {"type": "integer", "minimum": 1, "maximum": 1024},
-        "stages": {
-            "type": "object",
-            "propertyNames": {"enum": list(STAGE_NAMES)},
-            "additionalProperties": _STAGE_OVERRIDE,
-        },
-        "local": _obj(
-            {
-                "python": {"type": "string"},
-                "workdir": {"type": "string"},
-                "kill_grace_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
-            }
-        ),
-        "kubernetes": _obj(
-            {
-                "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"},
-                "service_account": {"type": "string", "pattern": _NAME},
-                "kubernetes_conn_id": {"type": ["string", "null"]},
-                "in_cluster": {"type": "boolean"},
-                "image": _obj(
-                    {
-                        "repository": {"type": "string", "minLength": 1},
-                        "tag": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"},
-                        "digest": {"type": "string", "pattern": r"^$|^sha256:[a-f0-9]{64}$"},
-                        "pull_policy": {"enum": ["Always", "IfNotPresent", "Never"]},
-                    },
-                    required=("repository",),
-                ),
-                "run_as_user": {"type": "integer", "minimum": 1},
-                "scratch_size": {"type": "string", "pattern": _QUANTITY},
-                "startup_timeout_seconds": {"type": "integer", "minimum": 60},
-                "termination_grace_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
-                "gpu_resource": {"type": "string", "pattern": _LABEL_KEY},
-                "node_pools": {
-                    "type": "object",
-                    "propertyNames": {"enum": list(NODE_POOLS)},
-                    "additionalProperties": _NODE_POOL,
-                },
-                "labels": {
-                    "type": "object",
-                    "propertyNames": {"pattern": _LABEL_KEY},
-                    "additionalProperties": {"type": "string"},
-                },
-            }
-        ),
-        "docker": _obj(
-            {
-                "url": {"type": "string", "minLength": 1},
-                "image": _obj(
-                    {
-                        "repository": {"type": "string", "minLength": 1},
-                        "tag": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"},
-                    },
-                ),
-                "run_as_user": {"type": "integer", "minimum": 1},
-                "mounts": {"type": "array", "items": {"type": "string", "pattern": "^/"}},
-                "gpus": {"type": "boolean"},
-            }
-        ),
-        "notifications": _obj(
-            {
-                "on_failure": {"type": "boolean"},
-                "on_success": {"type": "boolean"},
-                "smtp": _obj(
-                    {
-                        "conn_id": {"type": "string", "minLength": 1},
-                        "to": {
-                            "type": "array",
-                            "items": {"type": "string", "pattern": r"^[^@\s]+@[^@\s]+$"},
-                            "minItems": 1,
-                        },
-                        "from_email": {"type": "string", "pattern": r"^[^@\s]+@[^@\s]+$"},
-                    },
-                    required=("conn_id", "to"),
-                ),
-                "slack": _obj(
-                    {"conn_id": {"type": "string", "minLength": 1}, "channel": {"type": "string", "minLength": 1}},
-                    required=("conn_id", "channel"),
-                ),
-            }
-        ),
-    }
-)
+Quantity = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")]
+LabelKey = Annotated[
+    str, StringConstraints(pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+]
+ObjectName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")]
+PriorityClassName = Annotated[str, StringConstraints(pattern=r"^$|^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")]
+ImageTag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
+Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+NodePoolName = Literal["cpu", "gpu-spot", "gpu-on-demand"]
+StageName = Literal[STAGE_NAMES]
 
 
 class ConfigError(ValueError):
     """The pipeline configuration is invalid; the message names the source and the key."""
 
 
-@dataclass(frozen=True)
-class Toleration:
-    key: str
-    operator: str
+class Section(BaseModel):
+    """A section of the file: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Toleration(Section):
+    key: LabelKey
+    operator: Literal["Equal", "Exists"]
     value: str | None = None
-    effect: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
-@dataclass(frozen=True)
-class NodePool:
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: tuple[Toleration, ...] = ()
-    priority_class: str = ""
+class NodePool(Section):
+    node_selector: dict[LabelKey, str] = Field(default_factory=dict, description="labels a pod of this pool selects")
+    tolerations: tuple[Toleration, ...] = Field((), description="taints of the pool's nodes that its pods tolerate")
+    priority_class: PriorityClassName = Field("", description="PriorityClass of the pool's pods (empty: none)")
 
 
-@dataclass(frozen=True)
-class StageOverride:
-    cpu: str | None = None
-    memory: str | None = None
-    gpu: int | None = None
-    timeout_minutes: int | None = None
-    image: str | None = None
-    # Kubernetes runtime: this stage's PriorityClass, over its node pool's (training and inference share gpu-spot).
-    priority_class: str | None = None
+class StageOverride(Section):
+    cpu: Quantity | None = Field(None, description="CPU request (kubernetes)")
+    memory: Quantity | None = Field(None, description="memory request and limit (kubernetes)")
+    gpu: int | None = Field(None, ge=0, le=16, description="GPUs; 0 moves a GPU stage to the cpu pool")
+    timeout_minutes: int | None = Field(None, ge=1, le=7 * 24 * 60, description="time limit (every runtime)")
+    image: NonEmpty | None = Field(None, description="full image reference, over the repository's")
+    # Training and inference share gpu-spot; a stage's own class lets inference preempt training.
+    priority_class: PriorityClassName | None = Field(None, description="PriorityClass, over the node pool's")
 
 
-@dataclass(frozen=True)
-class LocalSettings:
-    python: str = ""  # empty: the interpreter that runs Airflow
-    workdir: Path = REPO_ROOT
-    kill_grace_seconds: int = 30
+class LocalSettings(Section):
+    python: str = Field("", description="interpreter that runs the stages (empty: the one running Airflow)")
+    workdir: Path = Field(
+        Path("."), validate_default=True, description="where `stages` is importable; relative to the repository root"
+    )
+    kill_grace_seconds: int = Field(30, ge=1, le=3600, description="SIGTERM -> SIGKILL when a task is killed")
+
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _absolute(cls, value: Any) -> Any:
+        if value is None:
+            value = "."
+        return (REPO_ROOT / value).resolve() if isinstance(value, str | Path) else value
 
 
-@dataclass(frozen=True)
-class KubernetesSettings:
-    namespace: str = "genai-stages"
-    service_account: str = "genai-stage-runner"
-    kubernetes_conn_id: str | None = None
-    in_cluster: bool = True
-    image_repository: str = "ghcr.io/genai-pipelines/stages"
-    image_tag: str = "0.1.0"
-    image_digest: str = ""
-    image_pull_policy: str = "IfNotPresent"
-    run_as_user: int = 10001
-    scratch_size: str = "20Gi"
+class KubernetesImage(Section):
+    model_config = ConfigDict(coerce_numbers_to_str=True)  # `tag: 2` in YAML is the tag "2"
+
+    repository: NonEmpty = Field("ghcr.io/genai-pipelines/stages", description="stage images: <repository>/<image>")
+    tag: ImageTag = Field("0.1.0", description="stage images: <repository>/<image>:<tag> (`make images-list`)")
+    digest: Annotated[str, StringConstraints(pattern=r"^$|^sha256:[a-f0-9]{64}$")] = Field(
+        "", description="pins the shared stage base <repository>@<digest> for every stage"
+    )
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="imagePullPolicy")
+
+
+class KubernetesSettings(Section):
+    namespace: Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")] = Field(
+        "genai-stages", description="where stage pods run (the chart's stage namespace)"
+    )
+    service_account: ObjectName = Field("genai-stage-runner", description="the stage pods' service account")
+    kubernetes_conn_id: str | None = Field(None, description="Airflow connection to the cluster (none: in-cluster)")
+    in_cluster: bool = Field(True, description="Airflow runs in the stages' cluster")
+    image: KubernetesImage = Field(default_factory=KubernetesImage)
+    run_as_user: int = Field(10001, ge=1, description="pod uid (the images' own user)")
+    scratch_size: Quantity = Field("20Gi", description="size of the /tmp emptyDir")
     # GPU node pools usually scale from zero: node provisioning, driver install and a multi-GB image pull.
-    startup_timeout_seconds: int = 1200
+    startup_timeout_seconds: int = Field(1200, ge=60, description="scheduling + startup wait (GPU scale-up)")
     # Time between SIGTERM and SIGKILL: the trainer saves a checkpoint in it (spot notices give 30-120 s).
-    termination_grace_seconds: int = 120
-    gpu_resource: str = "nvidia.com/gpu"
-    node_pools: dict[str, NodePool] = field(default_factory=lambda: {p: NodePool() for p in NODE_POOLS})
-    labels: dict[str, str] = field(default_factory=dict)
+    termination_grace_seconds: int = Field(120, ge=1, le=3600, description="SIGTERM -> SIGKILL (checkpoint)")
+    gpu_resource: LabelKey = Field("nvidia.com/gpu", description="the extended resource GPU stages request")
+    node_pools: dict[NodePoolName, NodePool] = Field(
+        default_factory=lambda: {p: NodePool() for p in NODE_POOLS},
+        description="each pool (`cpu`, `gpu-spot`, `gpu-on-demand`): what its pods select and tolerate",
+    )
+    labels: dict[LabelKey, str] = Field(default_factory=dict, description="extra pod labels")
+
+    @field_validator("node_pools")
+    @classmethod
+    def _every_pool(cls, pools: dict[str, NodePool]) -> dict[str, NodePool]:
+        return {p: pools.get(p, NodePool()) for p in NODE_POOLS}
 
 
-@dataclass(frozen=True)
-class DockerSettings:
+class DockerImage(Section):
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    repository: NonEmpty = Field("ghcr.io/genai-pipelines/stages", description="stage images: <repository>/<image>")
+    tag: ImageTag = Field("latest", description="as `make build-images` tags them")
+
+
+class DockerSettings(Section):
     """The docker runtime: each stage in a local container from its image (``make build-images``)."""
 
-    url: str = "unix://var/run/docker.sock"
-    image_repository: str = "ghcr.io/genai-pipelines/stages"
-    image_tag: str = "latest"
-    image_digest: str = ""  # images built here have no registry digest
-    # None: the uid running Airflow (files in the artifact root stay yours), or 10001 when that is root.
-    run_as_user: int | None = None
-    mounts: tuple[str, ...] = ()  # host paths mounted read-only at the same path (input data)
-    gpus: bool = False  # request every GPU for GPU stages (needs the NVIDIA container toolkit)
+    url: NonEmpty = Field("unix://var/run/docker.sock", description="the Docker engine")
+    image: DockerImage = Field(default_factory=DockerImage)
+    run_as_user: int | None = Field(
+        None, ge=1, description="container uid (none: the uid running Airflow, 10001 when that is root)"
+    )
+    mounts: tuple[Annotated[str, StringConstraints(pattern=r"^/")], ...] = Field(
+        (), description="host paths (input data) mounted read-only at the same path"
+    )
+    gpus: bool = Field(False, description="give GPU stages the host's GPUs (NVIDIA container toolkit)")
 
 
-@dataclass(frozen=True)
-class SmtpSettings:
-    conn_id: str
-    to: tuple[str, ...]
-    from_email: str | None = None
+class SmtpSettings(Section):
+    conn_id: NonEmpty
+    to: tuple[Email, ...] = Field(min_length=1)
+    from_email: Email | None = None
 
 
-@dataclass(frozen=True)
-class SlackSettings:
-    conn_id: str
-    channel: str
+class SlackSettings(Section):
+    conn_id: NonEmpty
+    channel: NonEmpty
 
 
-@dataclass(frozen=True)
-class NotificationSettings:
-    on_failure: bool = True
-    on_success: bool = False
-    smtp: SmtpSettings | None = None
-    slack: SlackSettings | None = None
+class NotificationSettings(Section):
+    on_failure: bool = Field(True, description="notify when a run fails (only when a channel is set)")
+    on_success: bool = Field(False, description="notify when a run succeeds")
+    smtp: SmtpSettings | None = Field(None, description="`conn_id`, `to`, `from_email` (SmtpNotifier)")
+    slack: SlackSettings | None = Field(None, description="`conn_id`, `channel` (SlackNotifier)")
 
 
-@dataclass(frozen=True)
-class PipelineSettings:
-    source: str = "embedded default"
-    runtime: str = "local"
-    artifact_root: str = ""
-    owner: str = "genai-platform"
-    allowed_uri_schemes: tuple[str, ...] = ("file",)
-    base_models: dict[str, str] = field(default_factory=dict)
-    retries: int = 1
-    retry_delay_seconds: int = 10
-    max_retry_delay_seconds: int = 1800
-    max_shards: int = 16
-    stages: dict[str, StageOverride] = field(default_factory=dict)
-    local: LocalSettings = field(default_factory=LocalSettings)
-    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
-    docker: DockerSettings = field(default_factory=DockerSettings)
-    notifications: NotificationSettings = field(default_factory=NotificationSettings)
+class ResolvedStage(BaseModel):
+    """A stage spec with the platform's per-stage overrides applied: what a runtime needs to run it."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    spec: StageSpec
+    cpu: str
+    memory: str
+    gpu: int
+    timeout: timedelta
+    image: str
+    priority_class: str = ""  # empty: the node pool's
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpu > 0
+
+    @property
+    def node_pool(self) -> str:
+        """Where the pod runs: the GPU request decides (a platform may run evaluate on CPUs with gpu: 0)."""
+        return "gpu-spot" if self.uses_gpu else "cpu"
+
+
+class PipelineSettings(BaseModel):
+    """The whole platform configuration: the single source of its defaults, validation and JSON Schema."""
+
+    # Not frozen: validation resolves artifact_root and base_models below; nothing changes them afterwards.
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Literal["local", "kubernetes", "docker"] = Field(
+        "local", description="`local` (subprocesses), `kubernetes` (pods) or `docker` (local containers)"
+    )
+    artifact_root: NonEmpty = Field(
+        "./artifacts",
+        description="URI of every run's artifacts; plain paths are relative to `local.workdir`; "
+        "`kubernetes` needs `s3://`, `gs://` or `abfs://`",
+    )
+    owner: NonEmpty = Field("genai-platform", description="DAG owner")
+    allowed_uri_schemes: tuple[Literal[URI_SCHEMES], ...] = Field(
+        ("file",),
+        min_length=1,
+        description="schemes a run conf may use for data URIs (`file` also allows plain paths with a `/`)",
+    )
+    base_models: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")], NonEmpty] = Field(
+        default_factory=dict,
+        description="names a conf may give as `base_model` -> URI or hub id; `{artifact_root}` is substituted",
+    )
+    # Spot capacity is reclaimed at any time and the trainer resumes from its checkpoint: retry generously.
+    retries: int = Field(3, ge=0, le=10, description="task retries, with exponential backoff")
+    retry_delay_seconds: int = Field(60, ge=1, description="first retry delay")
+    max_retry_delay_seconds: int = Field(1800, ge=1, description="longest retry delay")
+    max_shards: int = Field(16, ge=1, le=1024, description="cap on the batch-inference fan-out")
+    stages: dict[StageName, StageOverride] = Field(
+        default_factory=dict, description="per-stage overrides of resources, time limit, image, priority class"
+    )
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    docker: DockerSettings = Field(default_factory=DockerSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+
+    _source: str = PrivateAttr("embedded default")
+
+    @property
+    def source(self) -> str:
+        """Where the settings came from (a path, the Airflow Variable, the embedded default), for messages."""
+        return self._source
 
     def image_for(self, stage: str) -> str:
         """The image of one stage: a per-stage override, else ``<repository>/<image>:<tag>`` (images/).
 
-        A digest pins the shared stage base ``<repository>@<digest>`` instead, which runs every stage.
+        A digest (kubernetes) pins the shared stage base ``<repository>@<digest>`` instead, which runs every stage.
         """
-        from genai_dags.stage_specs import STAGES  # stage_specs imports this module
-
         override = self.stages.get(stage)
         if override and override.image:
             return override.image
-        k = self.docker if self.runtime == "docker" else self.kubernetes
-        if k.image_digest:
-            return f"{k.image_repository}@{k.image_digest}"
-        return f"{k.image_repository}/{STAGES[stage].image}:{k.image_tag}"
+        if self.runtime == "docker":
+            return f"{self.docker.image.repository}/{STAGES[stage].image}:{self.docker.image.tag}"
+        image = self.kubernetes.image
+        if image.digest:
+            return f"{image.repository}@{image.digest}"
+        return f"{image.repository}/{STAGES[stage].image}:{image.tag}"
 
-    def stage_override(self, stage: str) -> StageOverride:
-        return self.stages.get(stage) or StageOverride()
+    def stage(self, name: str) -> ResolvedStage:
+        """The stage's spec with this platform's overrides applied."""
+        spec = STAGES[name]
+        o = self.stages.get(name) or StageOverride()
+        return ResolvedStage(
+            spec=spec,
+            cpu=o.cpu or spec.cpu,
+            memory=o.memory or spec.memory,
+            gpu=spec.gpu if o.gpu is None else o.gpu,
+            timeout=timedelta(minutes=o.timeout_minutes) if o.timeout_minutes else spec.timeout,
+            image=self.image_for(name),
+            priority_class=o.priority_class or "",
+        )
 
 
 # The embedded default: everything on this machine, nothing to configure. Kept as YAML so that it is
@@ -344,134 +317,142 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"pipeline config {source}: not valid YAML: {exc}") from None
 
 
-def _key_path(path) -> str:
+def parse(data: Any, source: str) -> PipelineSettings:
+    """Validate a parsed YAML document, resolve its paths and check what one key alone cannot say."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"pipeline config {source}: must be a mapping of settings, not {type(data).__name__}")
+    try:
+        settings = PipelineSettings.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ConfigError(f"pipeline config {source} is invalid:\n  " + "\n  ".join(lines)) from None
+    settings._source = source
+    try:
+        settings.artifact_root = _absolute_uri(settings.artifact_root, settings.local.workdir)
+    except ValueError as exc:
+        raise ConfigError(f"pipeline config {source}: {exc}") from None
+    settings.base_models = {
+        name: uri.replace("{artifact_root}", settings.artifact_root) for name, uri in settings.base_models.items()
+    }
+    problem = _runtime_problem(settings)
+    if problem:
+        raise ConfigError(f"pipeline config {source}: {problem}")
+    return settings
+
+
+def _runtime_problem(s: PipelineSettings) -> str | None:
+    """What the chosen runtime cannot work with, in one sentence naming the key; None when all is well."""
+    if s.runtime == "kubernetes" and s.artifact_root.startswith("file://"):
+        return (
+            f"artifact_root={s.artifact_root!r}: the kubernetes runtime needs shared object storage "
+            "(s3://, gs://, abfs://): each stage runs in its own pod"
+        )
+    if s.runtime == "kubernetes" and not s.kubernetes.node_pools["gpu-spot"].node_selector:
+        return (
+            "kubernetes.node_pools.gpu-spot.node_selector is empty: GPU stages would land on any node; "
+            "name the cloud's spot label (see values/<cloud>/pipeline.yaml)"
+        )
+    if s.runtime == "docker" and not s.artifact_root.startswith("file://"):
+        return (
+            f"artifact_root={s.artifact_root!r}: the docker runtime mounts a local artifact root into each "
+            "container; use a path (or file://)"
+        )
+    return None
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in path:
+    for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 
 
-def validate(data: Any, source: str) -> None:
-    """JSON-Schema validation with the offending key in the message; all errors, not just the first."""
-    import jsonschema
-
-    if not isinstance(data, dict):
-        raise ConfigError(f"pipeline config {source}: must be a mapping of settings, not {type(data).__name__}")
-    validator = jsonschema.Draft202012Validator(CONFIG_SCHEMA)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        lines = [f"{_key_path(e.absolute_path)}: {e.message}" for e in errors]
-        raise ConfigError(f"pipeline config {source} is invalid:\n  " + "\n  ".join(lines))
+def _all_keys(model: type[BaseModel] = PipelineSettings) -> set[str]:
+    keys = set(model.model_fields)
+    for field in model.model_fields.values():
+        for arg in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if _is_model(arg):
+                keys |= _all_keys(arg)
+    return keys
 
 
-def parse(data: Any, source: str) -> PipelineSettings:
-    validate(data, source)
-    local_data = data.get("local", {})
-    workdir = Path(local_data.get("workdir") or REPO_ROOT)
-    if not workdir.is_absolute():
-        workdir = (REPO_ROOT / workdir).resolve()
-    artifact_root = _absolute_uri(data.get("artifact_root", "./artifacts"), workdir, source)
-    schemes = tuple(data.get("allowed_uri_schemes", ["file"]))
-    runtime = data.get("runtime", "local")
-    if runtime == "kubernetes" and artifact_root.startswith("file://"):
-        raise ConfigError(
-            f"pipeline config {source}: artifact_root={artifact_root!r}: the kubernetes runtime needs shared "
-            "object storage (s3://, gs://, abfs://): each stage runs in its own pod"
-        )
-    base_models = {
-        name: uri.replace("{artifact_root}", artifact_root) for name, uri in data.get("base_models", {}).items()
-    }
-
-    k = data.get("kubernetes", {})
-    image = k.get("image", {})
-    pools = {p: NodePool() for p in NODE_POOLS}
-    for name, pool in k.get("node_pools", {}).items():
-        pools[name] = NodePool(
-            node_selector=dict(pool.get("node_selector", {})),
-            tolerations=tuple(Toleration(**t) for t in pool.get("tolerations", [])),
-            priority_class=pool.get("priority_class", ""),
-        )
-    defaults = KubernetesSettings()
-    kubernetes = KubernetesSettings(
-        namespace=k.get("namespace", defaults.namespace),
-        service_account=k.get("service_account", defaults.service_account),
-        kubernetes_conn_id=k.get("kubernetes_conn_id"),
-        in_cluster=k.get("in_cluster", defaults.in_cluster),
-        image_repository=image.get("repository", defaults.image_repository),
-        image_tag=str(image.get("tag", defaults.image_tag)),
-        image_digest=image.get("digest", ""),
-        image_pull_policy=image.get("pull_policy", defaults.image_pull_policy),
-        run_as_user=k.get("run_as_user", defaults.run_as_user),
-        scratch_size=k.get("scratch_size", defaults.scratch_size),
-        startup_timeout_seconds=k.get("startup_timeout_seconds", defaults.startup_timeout_seconds),
-        termination_grace_seconds=k.get("termination_grace_seconds", defaults.termination_grace_seconds),
-        gpu_resource=k.get("gpu_resource", defaults.gpu_resource),
-        node_pools=pools,
-        labels=dict(k.get("labels", {})),
-    )
-    if runtime == "kubernetes" and not pools["gpu-spot"].node_selector:
-        raise ConfigError(
-            f"pipeline config {source}: kubernetes.node_pools.gpu-spot.node_selector is empty: GPU stages "
-            "would land on any node; name the cloud's spot label (see values/<cloud>/pipeline.yaml)"
-        )
-
-    d = data.get("docker", {})
-    docker_defaults = DockerSettings()
-    docker = DockerSettings(
-        url=d.get("url", docker_defaults.url),
-        image_repository=d.get("image", {}).get("repository", docker_defaults.image_repository),
-        image_tag=str(d.get("image", {}).get("tag", docker_defaults.image_tag)),
-        run_as_user=d.get("run_as_user"),
-        mounts=tuple(d.get("mounts", [])),
-        gpus=d.get("gpus", False),
-    )
-    if runtime == "docker" and not artifact_root.startswith("file://"):
-        raise ConfigError(
-            f"pipeline config {source}: artifact_root={artifact_root!r}: the docker runtime mounts a local "
-            "artifact root into each container; use a path (or file://)"
-        )
-
-    n = data.get("notifications", {})
-    smtp = n.get("smtp")
-    slack = n.get("slack")
-    return PipelineSettings(
-        source=source,
-        runtime=runtime,
-        artifact_root=artifact_root,
-        owner=data.get("owner", "genai-platform"),
-        allowed_uri_schemes=schemes,
-        base_models=base_models,
-        retries=data.get("retries", 1 if runtime == "local" else 3),
-        retry_delay_seconds=data.get("retry_delay_seconds", 10 if runtime == "local" else 60),
-        max_retry_delay_seconds=data.get("max_retry_delay_seconds", 1800),
-        max_shards=data.get("max_shards", 16),
-        stages={name: StageOverride(**o) for name, o in data.get("stages", {}).items()},
-        local=LocalSettings(
-            python=local_data.get("python", ""),
-            workdir=workdir,
-            kill_grace_seconds=local_data.get("kill_grace_seconds", 30),
-        ),
-        kubernetes=kubernetes,
-        docker=docker,
-        notifications=NotificationSettings(
-            on_failure=n.get("on_failure", True),
-            on_success=n.get("on_success", False),
-            smtp=SmtpSettings(conn_id=smtp["conn_id"], to=tuple(smtp["to"]), from_email=smtp.get("from_email"))
-            if smtp
-            else None,
-            slack=SlackSettings(conn_id=slack["conn_id"], channel=slack["channel"]) if slack else None,
-        ),
-    )
+def _describe(error: dict[str, Any]) -> str:
+    """One line per problem: the key's dotted path, what is wrong, and the value given (shortened)."""
+    loc = tuple(p for p in error["loc"] if p not in ("[key]",))
+    if error["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), sorted(_all_keys()), n=1)
+        return f"{_key_path(loc)}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {str(value)[:80]!r})"
+    return f"{_key_path(loc)}: {error['msg']}{shown}"
 
 
-def _absolute_uri(value: str, base: Path, source: str) -> str:
+def _absolute_uri(value: str, base: Path) -> str:
     """A plain path becomes an absolute file:// URI (relative to the local workdir); schemes are checked."""
     match = re.match(r"^([a-z][a-z0-9+.-]*)://", value)
     if not match:
         return "file://" + str((base / value).resolve())
     if match.group(1) not in URI_SCHEMES:
-        raise ConfigError(
-            f"pipeline config {source}: artifact_root={value!r} uses scheme {match.group(1)!r}; "
-            f"allowed: {', '.join(URI_SCHEMES)}"
-        )
+        raise ValueError(f"artifact_root={value!r} uses scheme {match.group(1)!r}; allowed: {', '.join(URI_SCHEMES)}")
     return value.rstrip("/")
+
+
+# ---- The reference documentation, generated from the model (dags/README.md holds its output) ----
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return f"`[{', '.join(map(str, value))}]`"
+    return f"`{value}`"
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = field.annotation
+        args = getattr(field.annotation, "__args__", ())
+        if _is_model(nested):
+            rows += _rows(nested, f"{key}.")
+            continue
+        if getattr(field.annotation, "__origin__", None) is dict and _is_model(args[-1]):
+            key = f"{key}.<{'pool' if args[-1] is NodePool else 'stage'}>"
+            description = field.description or ""
+            fields = ", ".join(f"`{n}`" for n in args[-1].model_fields)
+            rows.append(f"| `{key}` | - | {description} ({fields}) |")
+            continue
+        rows.append(f"| `{key}` | {_default_text(field)} | {field.description or ''} |")
+    return rows
+
+
+def reference() -> str:
+    """The platform config's keys, defaults and meanings as a Markdown table."""
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *_rows(PipelineSettings, "")]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m genai_dags.settings reference | schema``: the Markdown reference or the JSON Schema."""
+    import json
+    import sys
+
+    what = (argv if argv is not None else sys.argv[1:]) or ["reference"]
+    if what[0] == "schema":
+        print(json.dumps(PipelineSettings.model_json_schema(), indent=2))
+    else:
+        print(reference(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,7 +6,7 @@ is written once, next to its name. The contract between a task and its stage is 
 the scheduler); ``tests/test_dags_contract.py`` proves the two agree.
 
 Platform teams adjust resources and timeouts per cluster in the pipeline config (``stages:``),
-never here.
+never here: ``PipelineSettings.stage(name)`` applies their overrides. A leaf: it imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from genai_dags.settings import PipelineSettings
-
 
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     image: str  # which image of images/ runs it: <repository>/<image>:<tag>
-    node_pool: str  # "cpu" or "gpu-spot" (a gpu-spot stage's last retry runs on "gpu-on-demand")
     cpu: str
     memory: str
-    gpu: int
+    gpu: int  # > 0: the gpu-spot node pool (its last retry on gpu-on-demand); 0: the cpu pool
     timeout: timedelta
     doc: str
 
@@ -43,7 +40,6 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "tokenize",
             "tokenizer",
-            "cpu",
             cpu="4",
             memory="8Gi",
             gpu=0,
@@ -53,7 +49,6 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "train_lora",
             "trainer",
-            "gpu-spot",
             cpu="8",
             memory="32Gi",
             gpu=1,
@@ -63,7 +58,6 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "evaluate",
             "evaluator",
-            "gpu-spot",
             cpu="4",
             memory="16Gi",
             gpu=1,
@@ -73,7 +67,6 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "batch_infer",
             "inferencer",
-            "gpu-spot",
             cpu="4",
             memory="16Gi",
             gpu=1,
@@ -83,7 +76,6 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "merge_predictions",
             "tokenizer",
-            "cpu",
             cpu="1",
             memory="2Gi",
             gpu=0,
@@ -93,7 +85,6 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "publish",
             "tokenizer",
-            "cpu",
             cpu="1",
             memory="2Gi",
             gpu=0,
@@ -103,42 +94,4 @@ STAGES: dict[str, StageSpec] = {
     )
 }
 
-
-@dataclass(frozen=True)
-class ResolvedStage:
-    """A stage spec with the platform's per-stage overrides applied."""
-
-    spec: StageSpec
-    cpu: str
-    memory: str
-    gpu: int
-    timeout: timedelta
-    image: str
-    priority_class: str = ""  # empty: the node pool's
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def uses_gpu(self) -> bool:
-        return self.gpu > 0
-
-    @property
-    def node_pool(self) -> str:
-        """Where the pod runs: the GPU request decides (a platform may run evaluate on CPUs with gpu: 0)."""
-        return "gpu-spot" if self.uses_gpu else "cpu"
-
-
-def resolve(name: str, settings: PipelineSettings) -> ResolvedStage:
-    spec = STAGES[name]
-    o = settings.stage_override(name)
-    return ResolvedStage(
-        spec=spec,
-        cpu=o.cpu or spec.cpu,
-        memory=o.memory or spec.memory,
-        gpu=spec.gpu if o.gpu is None else o.gpu,
-        timeout=timedelta(minutes=o.timeout_minutes) if o.timeout_minutes else spec.timeout,
-        image=settings.image_for(name),
-        priority_class=o.priority_class or "",
-    )
+STAGE_NAMES = tuple(STAGES)

@@ -128,7 +128,8 @@ class TestStageNamespace:
         assert only(objects, "Namespace")["metadata"]["name"] == defaults.namespace
         assert only(objects, "ServiceAccount")["metadata"]["name"] == defaults.service_account
         pod = only(objects, "Pod")
-        assert pod["spec"]["containers"][0]["image"] == f"{defaults.image_repository}/trainer:{defaults.image_tag}"
+        assert pod["spec"]["containers"][0]["image"] == f"{defaults.image.repository}/trainer:{defaults.image.tag}"
+        assert pod["spec"]["containers"][0]["imagePullPolicy"] == defaults.image.pull_policy
         assert pod["spec"]["securityContext"]["runAsUser"] == defaults.run_as_user
         quota = only(objects, "ResourceQuota")["spec"]["hard"]
         assert f"requests.{defaults.gpu_resource}" in quota
