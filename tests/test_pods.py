@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import threading
 import time
@@ -75,6 +76,26 @@ def test_every_stage_task_of_every_dag_has_a_pod(pods):
         "genai_batch_inference.merge_predictions",
     }
     assert sum(name.startswith("genai_batch_inference.batch_infer[") for name in pods) == 3  # one per shard
+
+
+def test_the_command_line_writes_only_pod_yaml_to_stdout_and_its_logs_to_stderr():
+    import subprocess
+    import sys
+
+    import yaml
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "genai_dags.render_pods", "values/gke/pipeline.yaml"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": "dags"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    documents = list(yaml.safe_load_all(proc.stdout))
+    assert documents and {d["kind"] for d in documents} == {"Pod"}
+    assert "Building pod" in proc.stderr  # Airflow's log lines are still shown, on stderr
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)

@@ -140,7 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="pipeline config YAML (values/<target>/pipeline.yaml)")
     parser.add_argument("--try-number", type=int, default=1, help="which try to render (the last one is on-demand)")
     args = parser.parse_args(argv)
-    pods = render_all(args.config, args.try_number)
+    # Only the YAML goes to stdout: Airflow logs to stdout through handlers made before we could redirect
+    # sys.stdout, so the file descriptor itself points at stderr while the DAGs load and the pods render.
+    sys.stdout.flush()
+    stdout_fd = sys.stdout.fileno()
+    saved = os.dup(stdout_fd)
+    os.dup2(sys.stderr.fileno(), stdout_fd)
+    try:
+        pods = render_all(args.config, args.try_number)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, stdout_fd)
+        os.close(saved)
     yaml.safe_dump_all(list(pods.values()), sys.stdout, sort_keys=False)
     return 0
 
