@@ -10,7 +10,7 @@ Sides (each its own process, timed from its start to its end by the parent):
   (``genai_dags.local_airflow.run_dag``); every stage task starts ``python -m stages.<name>`` as a
   subprocess. The run conf names a fresh ``run_id``, so no stage is a cache hit.
 - ``plain``: the same five stage commands with the same arguments, built by the same planning code the
-  DAG's ``plan`` task calls (``genai_dags.runs.finetune_plan``), run one after another.
+  DAG's ``plan`` task calls (``genai_dags.planner.finetune_plan``), run one after another.
 
 The difference of the two wall times is what Airflow adds: interpreter and Airflow imports, DAG
 parsing, scheduling, task start-up, XCom, the quality-gate task.
@@ -96,11 +96,11 @@ def airflow(params: dict[str, Any]) -> dict[str, Any]:
 def plain(params: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     _dags_env(Path(params["config"]))
-    from genai_dags import runs
+    from genai_dags import planner
     from genai_dags.settings import load_file
 
     settings = load_file(params["config"])
-    plan = runs.finetune_plan(params["conf"], settings, identity={})
+    plan = planner.finetune_plan(params["conf"], settings, identity={})
     stage_seconds = {}
     for stage in ("tokenize", "train_lora", "evaluate", "batch_infer", "publish"):
         t = time.perf_counter()

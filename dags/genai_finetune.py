@@ -30,7 +30,7 @@ from typing import Any
 from airflow.sdk import Asset, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from genai_dags import params, runs
+from genai_dags import params, planner
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.operators import stage_task
 from genai_dags.settings import load_settings
@@ -51,9 +51,12 @@ def genai_finetune() -> None:
         try:
             params.check_conf(dict(context["dag_run"].conf or {}), PARAMS)
             conf = dict(context["params"])
-            identity = {**runs.code_identity(SETTINGS), **runs.input_fingerprint(runs.finetune_inputs(conf, SETTINGS))}
-            result = runs.finetune_plan(conf, SETTINGS, identity)
-        except (params.ConfError, runs.PlanError) as exc:
+            identity = {
+                **planner.code_identity(SETTINGS),
+                **planner.input_fingerprint(planner.finetune_inputs(conf, SETTINGS)),
+            }
+            result = planner.finetune_plan(conf, SETTINGS, identity)
+        except (params.ConfError, planner.PlanError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info(
             "stage run id %s: artifacts under %s/runs/%s/", result["run_id"], SETTINGS.artifact_root, result["run_id"]
@@ -64,8 +67,8 @@ def genai_finetune() -> None:
     def quality_gate(evaluation: dict[str, Any]) -> str:
         """Stop before batch inference and publication when the evaluation missed its threshold."""
         try:
-            reason = runs.check_quality_gate(evaluation)
-        except runs.GateFailed as exc:
+            reason = planner.check_quality_gate(evaluation)
+        except planner.GateFailed as exc:
             raise AirflowFailException(str(exc)) from None
         log.info("quality gate passed: %s", reason)
         return reason

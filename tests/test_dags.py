@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from genai_dags import local_airflow, params, runs, settings
+from genai_dags import local_airflow, params, planner, settings
 from genai_dags.render_pods import load_dags, pipeline_config
 from genai_dags.stage_specs import STAGES
 
@@ -260,12 +260,12 @@ def resolved(conf: dict, dag_params) -> dict:
 def test_the_same_conf_gets_the_same_run_id_and_a_changed_conf_a_new_one(local_dags):
     s = local_settings()
     p = local_dags["genai_finetune"].params
-    code = runs.code_identity(s)
-    first = runs.finetune_plan(resolved(FINETUNE_OK, p), s, code)
-    again = runs.finetune_plan(resolved(dict(reversed(FINETUNE_OK.items())), p), s, code)
-    changed = runs.finetune_plan(resolved({**FINETUNE_OK, "train": {"rank": 4}}, p), s, code)
-    new_code = runs.finetune_plan(resolved(FINETUNE_OK, p), s, {"stages_source_sha256": "0" * 64})
-    explicit = runs.finetune_plan(resolved({**FINETUNE_OK, "run_id": "exp-7"}, p), s, code)
+    code = planner.code_identity(s)
+    first = planner.finetune_plan(resolved(FINETUNE_OK, p), s, code)
+    again = planner.finetune_plan(resolved(dict(reversed(FINETUNE_OK.items())), p), s, code)
+    changed = planner.finetune_plan(resolved({**FINETUNE_OK, "train": {"rank": 4}}, p), s, code)
+    new_code = planner.finetune_plan(resolved(FINETUNE_OK, p), s, {"stages_source_sha256": "0" * 64})
+    explicit = planner.finetune_plan(resolved({**FINETUNE_OK, "run_id": "exp-7"}, p), s, code)
     assert first["run_id"] == again["run_id"]
     assert first["run_id"].startswith("ft-")
     assert len({first["run_id"], changed["run_id"], new_code["run_id"]}) == 3
@@ -282,14 +282,14 @@ def test_changed_input_files_make_a_new_run_id_and_unchanged_ones_the_same(local
     params_ = local_dags["genai_finetune"].params
 
     def run_id() -> str:
-        identity = {**runs.code_identity(s), **runs.input_fingerprint(runs.finetune_inputs(conf, s))}
-        return runs.finetune_plan(resolved(conf, params_), s, identity)["run_id"]
+        identity = {**planner.code_identity(s), **planner.input_fingerprint(planner.finetune_inputs(conf, s))}
+        return planner.finetune_plan(resolved(conf, params_), s, identity)["run_id"]
 
     first = run_id()
     assert run_id() == first
     (data / "b.txt").write_text("Enter Juliet.")
     assert run_id() != first
-    fingerprint = runs.input_fingerprint({"base_model": "org/hub-model", "missing": f"file://{tmp_path}/nope"})
+    fingerprint = planner.input_fingerprint({"base_model": "org/hub-model", "missing": f"file://{tmp_path}/nope"})
     assert fingerprint == {"base_model": "org/hub-model", "missing": "missing"}
 
 
@@ -300,7 +300,7 @@ def test_plan_resolves_catalog_names_and_plain_paths_and_passes_only_allowed_set
         "train": {"rank": 4, "target_modules": ["q_proj", "v_proj"]},
         "inference": {"do_sample": True},
     }
-    plan = runs.finetune_plan(resolved(conf, local_dags["genai_finetune"].params), s, runs.code_identity(s))
+    plan = planner.finetune_plan(resolved(conf, local_dags["genai_finetune"].params), s, planner.code_identity(s))
     assert f"base_model={s.base_models['tiny-shakespeare']}" in plan["train_lora"]
     assert f"input_uri=file://{ROOT}/data/folio" in plan["tokenize"]
     assert "rank=4" in plan["train_lora"] and "target_modules=q_proj,v_proj" in plan["train_lora"]
@@ -314,23 +314,23 @@ def test_plan_resolves_catalog_names_and_plain_paths_and_passes_only_allowed_set
     [(0, 10, 8, 1), (1, 10, 8, 1), (10, 10, 8, 1), (11, 10, 8, 2), (1000, 10, 8, 8), (16, 6, 4, 3)],
 )
 def test_shard_count_follows_input_size_within_the_fan_out_cap(records, per_shard, cap, expected):
-    assert runs.shard_count(records, per_shard, cap) == expected
+    assert planner.shard_count(records, per_shard, cap) == expected
 
 
 def test_counting_records_streams_newlines_of_a_file_folder_or_glob(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
     (tmp_path / "b.jsonl").write_text('{"id": 3}\n{"id": 4}')  # no final newline
-    assert runs.count_records(str(tmp_path / "a.jsonl")) == 2
-    assert runs.count_records(f"file://{tmp_path}/*.jsonl") == 4
-    assert runs.count_records(str(tmp_path)) == 4
-    with pytest.raises(runs.PlanError, match="prompts_uri="):
-        runs.count_records(str(tmp_path / "missing.jsonl"))
+    assert planner.count_records(str(tmp_path / "a.jsonl")) == 2
+    assert planner.count_records(f"file://{tmp_path}/*.jsonl") == 4
+    assert planner.count_records(str(tmp_path)) == 4
+    with pytest.raises(planner.PlanError, match="prompts_uri="):
+        planner.count_records(str(tmp_path / "missing.jsonl"))
 
 
 def test_batch_plan_gives_every_shard_its_index_and_the_merge_the_count():
     s = local_settings()
     conf = {**BATCH_OK, "records_per_shard": 6, "max_shards": 4, "run_id": None, "inference": {}}
-    plan = runs.batch_plan(conf, s, {"x": "y"}, {"base_model": "file:///m"}, records=16)
+    plan = planner.batch_plan(conf, s, {"x": "y"}, {"base_model": "file:///m"}, records=16)
     assert plan["num_shards"] == 3
     assert [a[-2:] for a in plan["batch_infer"]] == [[f"shard_index={i}", "num_shards=3"] for i in range(3)]
     assert f"adapter_uri={s.artifact_root}/models/folio/v1" in plan["batch_infer"][0]
@@ -339,8 +339,8 @@ def test_batch_plan_gives_every_shard_its_index_and_the_merge_the_count():
 
 def test_a_model_that_is_not_published_is_refused_by_name(tmp_path):
     s = settings.parse({"artifact_root": str(tmp_path)}, "test")
-    with pytest.raises(runs.PlanError, match=r"model_name='folio' version='v1' is not published"):
-        runs.read_published(s, "folio", "v1")
+    with pytest.raises(planner.PlanError, match=r"model_name='folio' version='v1' is not published"):
+        planner.read_published(s, "folio", "v1")
 
 
 @pytest.mark.parametrize(
@@ -357,10 +357,10 @@ def test_a_model_that_is_not_published_is_refused_by_name(tmp_path):
 )
 def test_the_quality_gate_passes_or_stops_with_the_reason(evaluation, error):
     if error is None:
-        assert "improved" in runs.check_quality_gate(evaluation)
+        assert "improved" in planner.check_quality_gate(evaluation)
     else:
-        with pytest.raises(runs.GateFailed, match=error):
-            runs.check_quality_gate(evaluation)
+        with pytest.raises(planner.GateFailed, match=error):
+            planner.check_quality_gate(evaluation)
 
 
 # ---------------------------------------------------------------------------------------------

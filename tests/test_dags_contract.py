@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from genai_dags import params, render_pods, runs, settings
+from genai_dags import params, planner, render_pods, settings
 from genai_dags.stage_specs import STAGES
 from stages.config import load_config
 from stages.runner import StageConfig
@@ -99,7 +99,7 @@ def test_batch_inference_shards_cover_the_prompts_and_the_merge_finds_them():
         "run_id": None,
         "inference": {},
     }
-    plan = runs.batch_plan(conf, cfg, {}, {"base_model": "file:///base"}, records=23)
+    plan = planner.batch_plan(conf, cfg, {}, {"base_model": "file:///base"}, records=23)
     shards = [parse("batch_infer", args) for args in plan["batch_infer"]]
     merge = parse("merge_predictions", plan["merge_predictions"])
     from stages.merge_predictions import shard_uris
@@ -130,8 +130,8 @@ def boundary_values(schema: dict) -> list:
 
 
 TUNABLE_CASES = [
-    (group, stage, name, schema)
-    for group, (stage, fields) in params.TUNABLES.items()
+    (STAGES[stage].conf_group, stage, name, schema)
+    for stage, fields in params.TUNABLES.items()
     for name, schema in fields.items()
 ]
 
@@ -155,7 +155,7 @@ def test_every_setting_a_conf_may_carry_exists_in_the_stage_and_its_range_is_acc
             value = max(value, 1_000_000)  # the stage also requires max_chars >= min_chars (default 1)
         conf = {**required, group: {name: value}}
         resolved = {**{k: p.value for k, p in params.finetune_params(cfg).items()}, **conf}
-        plan = runs.finetune_plan(resolved, cfg, {})
+        plan = planner.finetune_plan(resolved, cfg, {})
         parsed = parse(stage, plan[stage])
         expected = ",".join(value) if isinstance(value, list) else value
         got = ",".join(getattr(parsed, name)) if isinstance(value, list) else getattr(parsed, name)
@@ -176,5 +176,5 @@ def test_stage_inputs_and_identity_cannot_be_set_from_a_conf():
         "model_name",
         "version",
     }
-    for _, fields in params.TUNABLES.values():
+    for fields in params.TUNABLES.values():
         assert not forbidden & set(fields)

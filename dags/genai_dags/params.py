@@ -21,6 +21,7 @@ from typing import Any
 from airflow.sdk import Param
 
 from genai_dags.settings import PipelineSettings
+from genai_dags.stage_specs import STAGES
 
 # The end of the string: JSON Schema validators use Python's re.search, where '$' also matches before
 # a final newline ("folio\n" would pass as a name); the lookahead refuses that and means the same in ECMA.
@@ -30,72 +31,61 @@ NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,62}" + END
 RUN_ID_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,127}" + END
 SEED = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 
-# conf group -> (stage, {stage config field: JSON Schema}). Only these stage settings can come from a
-# run conf; ranges match (or are tighter than) the stage's own validation, which the contract test checks.
-TUNABLES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "tokenize": (
-        "tokenize",
-        {
-            "input_format": {"enum": ["auto", "jsonl", "text", "parquet"]},
-            "text_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
-            "text_unit": {"enum": ["paragraph", "line", "file"]},
-            "min_chars": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-            "max_chars": {"type": "integer", "minimum": 1, "maximum": 100_000_000},
-            "block_size": {"type": "integer", "minimum": 2, "maximum": 32_768},
-            "validation_fraction": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-            "seed": SEED,
+# stage -> {stage config field: JSON Schema}: the only stage settings a run conf can give, in the conf's
+# group of that stage (``StageSpec.conf_group``: train_lora's are under "train"). Ranges match (or are
+# tighter than) the stage's own validation, which the contract test checks.
+TUNABLES: dict[str, dict[str, dict[str, Any]]] = {
+    "tokenize": {
+        "input_format": {"enum": ["auto", "jsonl", "text", "parquet"]},
+        "text_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+        "text_unit": {"enum": ["paragraph", "line", "file"]},
+        "min_chars": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        "max_chars": {"type": "integer", "minimum": 1, "maximum": 100_000_000},
+        "block_size": {"type": "integer", "minimum": 2, "maximum": 32_768},
+        "validation_fraction": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "seed": SEED,
+    },
+    "train_lora": {
+        "rank": {"type": "integer", "minimum": 1, "maximum": 1024},
+        "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 4096},
+        "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+        "target_modules": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 32,
+            "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.]{1,64}" + END},
         },
-    ),
-    "train": (
-        "train_lora",
-        {
-            "rank": {"type": "integer", "minimum": 1, "maximum": 1024},
-            "alpha": {"type": "number", "exclusiveMinimum": 0, "maximum": 4096},
-            "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
-            "target_modules": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 32,
-                "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.]{1,64}" + END},
-            },
-            "learning_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "lr_schedule": {"enum": ["cosine", "linear", "constant"]},
-            "warmup_steps": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
-            "weight_decay": {"type": "number", "minimum": 0, "maximum": 10},
-            "batch_size": {"type": "integer", "minimum": 1, "maximum": 4096},
-            "grad_accum_steps": {"type": "integer", "minimum": 1, "maximum": 1024},
-            "max_steps": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
-            "epochs": {"type": "integer", "minimum": 1, "maximum": 1000},
-            "precision": {"enum": ["auto", "fp32", "bf16"]},
-            "seed": SEED,
-        },
-    ),
-    "evaluate": (
-        "evaluate",
-        {
-            "max_eval_docs": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
-            "gate_metric": {"enum": ["word_perplexity", "byte_perplexity", "token_perplexity"]},
-            "min_relative_improvement": {"type": "number", "minimum": -1, "exclusiveMaximum": 1},
-            "num_samples": {"type": "integer", "minimum": 0, "maximum": 1000},
-            "sample_max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
-            "precision": {"enum": ["auto", "fp32", "bf16"]},
-        },
-    ),
-    "inference": (
-        "batch_infer",
-        {
-            "id_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
-            "prompt_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
-            "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
-            "batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
-            "do_sample": {"type": "boolean"},
-            "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
-            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "top_k": {"type": "integer", "minimum": 0, "maximum": 100_000},
-            "seed": SEED,
-            "precision": {"enum": ["auto", "fp32", "bf16"]},
-        },
-    ),
+        "learning_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "lr_schedule": {"enum": ["cosine", "linear", "constant"]},
+        "warmup_steps": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+        "weight_decay": {"type": "number", "minimum": 0, "maximum": 10},
+        "batch_size": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "grad_accum_steps": {"type": "integer", "minimum": 1, "maximum": 1024},
+        "max_steps": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+        "epochs": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "precision": {"enum": ["auto", "fp32", "bf16"]},
+        "seed": SEED,
+    },
+    "evaluate": {
+        "max_eval_docs": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+        "gate_metric": {"enum": ["word_perplexity", "byte_perplexity", "token_perplexity"]},
+        "min_relative_improvement": {"type": "number", "minimum": -1, "exclusiveMaximum": 1},
+        "num_samples": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "sample_max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "precision": {"enum": ["auto", "fp32", "bf16"]},
+    },
+    "batch_infer": {
+        "id_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+        "prompt_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
+        "batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
+        "do_sample": {"type": "boolean"},
+        "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0, "maximum": 100_000},
+        "seed": SEED,
+        "precision": {"enum": ["auto", "fp32", "bf16"]},
+    },
 }
 
 
@@ -117,13 +107,14 @@ def _uri_param(settings: PipelineSettings, what: str) -> Param:
     return Param(description=f"{what}: a URI ({allowed}){plain}; no '..' segments.", schema=uri_schema(settings))
 
 
-def _group(name: str, description: str) -> Param:
-    stage, fields = TUNABLES[name]
-    return Param(
+def _group(stage: str, description: str) -> dict[str, Param]:
+    """The conf group of one stage's tunables, under the group's name (``StageSpec.conf_group``)."""
+    param = Param(
         {},
         description=f"{description} Passed to `python -m stages.{stage}`; unknown keys are rejected.",
-        schema={"type": "object", "properties": fields, "additionalProperties": False},
+        schema={"type": "object", "properties": TUNABLES[stage], "additionalProperties": False},
     )
+    return {STAGES[stage].conf_group: param}
 
 
 def _run_id() -> Param:
@@ -158,10 +149,10 @@ def finetune_params(settings: PipelineSettings) -> dict[str, Param]:
         "prompts_uri": _uri_param(settings, "JSONL of prompts with id and prompt"),
         "run_id": _run_id(),
         "version": _name("Published version; empty: the run id", optional=True),
-        "tokenize": _group("tokenize", "Tokenizer settings."),
-        "train": _group("train", "LoRA training settings."),
-        "evaluate": _group("evaluate", "Evaluation and quality-gate settings."),
-        "inference": _group("inference", "Batch inference settings."),
+        **_group("tokenize", "Tokenizer settings."),
+        **_group("train_lora", "LoRA training settings."),
+        **_group("evaluate", "Evaluation and quality-gate settings."),
+        **_group("batch_infer", "Batch inference settings."),
     }
 
 
@@ -181,7 +172,7 @@ def batch_inference_params(settings: PipelineSettings) -> dict[str, Param]:
             description=f"Upper bound on parallel batch_infer tasks (platform cap {settings.max_shards}).",
             schema={"type": "integer", "minimum": 1, "maximum": settings.max_shards},
         ),
-        "inference": _group("inference", "Batch inference settings."),
+        **_group("batch_infer", "Batch inference settings."),
     }
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genai_dags import runs
+from genai_dags import planner
 from genai_dags.settings import ENV_VAR, REPO_ROOT, PipelineSettings
 
 DAGS_DIR = REPO_ROOT / "dags"
@@ -81,11 +81,11 @@ def example_conf(name: str) -> dict[str, Any]:
 def plan_arguments(dag_id: str, settings: PipelineSettings, conf: dict[str, Any], params: Any) -> dict[str, Any]:
     """What the DAG's plan task returns for ``conf`` (the published model is faked for batch inference)."""
     resolved = {**{k: p.value for k, p in params.items()}, **conf}
-    code = runs.code_identity(settings)
+    code = planner.code_identity(settings)
     if dag_id == "genai_finetune":
-        return runs.finetune_plan(resolved, settings, code)
+        return planner.finetune_plan(resolved, settings, code)
     lineage = {"base_model": settings.base_models.get("tiny-shakespeare", f"{settings.artifact_root}/base")}
-    return runs.batch_plan(resolved, settings, code, lineage, records=resolved["records_per_shard"] * 3)
+    return planner.batch_plan(resolved, settings, code, lineage, records=resolved["records_per_shard"] * 3)
 
 
 def stage_tasks(dag: Any, settings: PipelineSettings, conf: dict[str, Any]) -> Iterator[tuple[str, Any]]:

@@ -24,6 +24,7 @@ class StageSpec:
     gpu: int  # > 0: the gpu-spot node pool (its last retry on gpu-on-demand); 0: the cpu pool
     timeout: timedelta
     doc: str
+    conf_group: str | None = None  # the run conf's group of this stage's tunables (genai_dags.params.TUNABLES)
 
     @property
     def module(self) -> str:
@@ -45,6 +46,7 @@ STAGES: dict[str, StageSpec] = {
             gpu=0,
             timeout=timedelta(hours=2),
             doc="Ingest, clean, tokenize and pack the training text; split train/validation.",
+            conf_group="tokenize",
         ),
         StageSpec(
             "train_lora",
@@ -54,6 +56,7 @@ STAGES: dict[str, StageSpec] = {
             gpu=1,
             timeout=timedelta(hours=12),
             doc="LoRA fine-tuning; checkpoints every N steps and on SIGTERM, resumes on retry.",
+            conf_group="train",
         ),
         StageSpec(
             "evaluate",
@@ -63,6 +66,7 @@ STAGES: dict[str, StageSpec] = {
             gpu=1,
             timeout=timedelta(hours=2),
             doc="Held-out perplexity before/after, samples, report and the quality-gate verdict.",
+            conf_group="evaluate",
         ),
         StageSpec(
             "batch_infer",
@@ -72,6 +76,7 @@ STAGES: dict[str, StageSpec] = {
             gpu=1,
             timeout=timedelta(hours=4),
             doc="Generate completions for a JSONL of prompts (optionally one shard of many).",
+            conf_group="inference",
         ),
         StageSpec(
             "merge_predictions",

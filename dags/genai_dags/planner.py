@@ -1,4 +1,4 @@
-"""From a validated run conf to each stage's command-line arguments (the first task of every DAG).
+"""The planner: from a validated run conf to each stage's command-line arguments (the first task of every DAG).
 
 Plain functions, no Airflow: the DAGs' ``plan`` tasks call them, and the tests call them directly.
 They decide the stage run id, resolve base-model names and plain paths, and build the exact
@@ -15,7 +15,7 @@ from typing import Any
 
 from genai_dags.params import TUNABLES
 from genai_dags.settings import PipelineSettings
-from genai_dags.stage_specs import STAGE_NAMES
+from genai_dags.stage_specs import STAGE_NAMES, STAGES
 
 
 class PlanError(ValueError):
@@ -109,12 +109,15 @@ def _arg(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
-def tunable_args(group: str, values: dict[str, Any] | None) -> list[str]:
-    _, fields = TUNABLES[group]
-    unknown = set(values or {}) - set(fields)
+def tunable_args(stage: str, params: dict[str, Any]) -> list[str]:
+    """``key=value`` for the stage settings the conf gives in the stage's group (``train`` for train_lora...)."""
+    group = STAGES[stage].conf_group
+    values = params.get(group) or {}
+    fields = TUNABLES[stage]
+    unknown = set(values) - set(fields)
     if unknown:  # Airflow enforced this already; a second look costs nothing
         raise PlanError(f"{group}: unknown setting(s) {sorted(unknown)}; allowed: {sorted(fields)}")
-    return [_arg(k, v) for k, v in sorted((values or {}).items())]
+    return [_arg(k, v) for k, v in sorted(values.items())]
 
 
 def finetune_plan(params: dict[str, Any], settings: PipelineSettings, identity: dict[str, Any]) -> dict[str, Any]:
@@ -135,15 +138,15 @@ def finetune_plan(params: dict[str, Any], settings: PipelineSettings, identity: 
             *common,
             f"input_uri={resolve_uri(params['train_data_uri'], settings)}",
             f"base_model={base_model}",
-            *tunable_args("tokenize", params.get("tokenize")),
+            *tunable_args("tokenize", params),
         ],
-        "train_lora": [*common, f"base_model={base_model}", *tunable_args("train", params.get("train"))],
-        "evaluate": [*common, f"base_model={base_model}", *tunable_args("evaluate", params.get("evaluate"))],
+        "train_lora": [*common, f"base_model={base_model}", *tunable_args("train_lora", params)],
+        "evaluate": [*common, f"base_model={base_model}", *tunable_args("evaluate", params)],
         "batch_infer": [
             *common,
             f"base_model={base_model}",
             f"prompts_uri={resolve_uri(params['prompts_uri'], settings)}",
-            *tunable_args("inference", params.get("inference")),
+            *tunable_args("batch_infer", params),
         ],
         "publish": [*common, f"model_name={params['model_name']}", f"version={version}"],
     }
@@ -210,7 +213,7 @@ def batch_plan(
         f"base_model={lineage['base_model']}",
         f"adapter_uri={model_uri}",
         f"prompts_uri={resolve_uri(params['prompts_uri'], settings)}",
-        *tunable_args("inference", params.get("inference")),
+        *tunable_args("batch_infer", params),
     ]
     return {
         "run_id": run_id,
