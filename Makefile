@@ -36,10 +36,15 @@ $(AZURITE_STAMP):
 
 # The docker tier (tests/docker) runs when a Docker engine answers, else its tests report why they skip.
 test: install
-	$(PY) -m pytest -m "not gpu and not slow"
+	$(PY) -m pytest -m "not slow"
 
 test-fast: install
-	$(PY) -m pytest -m "not integration and not gpu and not docker and not slow"
+	$(PY) -m pytest -m "not integration and not docker and not slow"
+
+# The long checks make test leaves out: the full preemption and kill series, the slow bad-data cases.
+.PHONY: test-slow
+test-slow: install
+	$(PY) -m pytest -m slow
 
 test-storage: install
 	$(PY) -m pytest -m storage tests/storage
@@ -51,13 +56,15 @@ test-storage: install
 test-faults: install
 	$(PY) -m pytest -m faults tests/faults
 
+# Every Python file of the project: stages, DAGs, tests, benchmarks and the image tooling.
+PY_SOURCES := stages dags tests bench images
 quality: install
-	$(VENV)/bin/ruff check stages dags tests
-	$(VENV)/bin/ruff format --check stages dags tests
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
 
 style: install
-	$(VENV)/bin/ruff check --fix stages dags tests
-	$(VENV)/bin/ruff format stages dags tests
+	$(VENV)/bin/ruff check --fix $(PY_SOURCES)
+	$(VENV)/bin/ruff format $(PY_SOURCES)
 
 # The four stages chained as plain commands (no Airflow) on a freshly made tiny base model:
 # the nanochat-style smoke run of the stage contract. A second `make chain` is all cache hits.
