@@ -54,6 +54,17 @@ for image in $IMAGES; do
   [[ " $ALL_IMAGES " == *" $image "* ]] || die "IMAGES: unknown image '$image' (known: $ALL_IMAGES)"
 done
 
+# The stage images (images/stage/Dockerfile): image -> the stage its entry point runs | its description.
+# The same mapping as the stage table in dags/genai_dags/stage_specs.py (tests/docker checks the two agree).
+stage_image() {
+  case $1 in
+    tokenizer) echo "tokenize|python -m stages.tokenize: tokenize, and the other CPU stages (merge_predictions, publish)" ;;
+    trainer) echo "train_lora|python -m stages.train_lora: LoRA fine-tuning (and base_model, the tiny base used where no hub is reachable)" ;;
+    evaluator) echo "evaluate|python -m stages.evaluate: held-out perplexity, samples, report and the quality gate" ;;
+    inferencer) echo "batch_infer|python -m stages.batch_infer: batch inference over a JSONL of prompts" ;;
+  esac
+}
+
 ref() {  # the reference of one image at one tag
   case $1 in
     stage-base) echo "$REGISTRY/stages:$2" ;;
@@ -132,7 +143,7 @@ if [ "$TORCH_VARIANT" = cpu ] && [[ " $IMAGES " == *" stage-base "* ]] && ! ls b
   done
 fi
 
-build() {  # build <image> <dockerfile dir> [build args...]
+build() {  # build <image> <dockerfile folder under images/> [build args...]
   local image=$1 dir=$2
   shift 2
   local start=$SECONDS
@@ -155,7 +166,9 @@ for image in $IMAGES; do
     *)
       "$DOCKER" image inspect "$base_ref" >/dev/null 2>&1 \
         || die "$image is built on $base_ref, which does not exist: build it too (IMAGES='stage-base $image')"
-      build "$image" "$image" --build-arg STAGE_BASE="$base_ref" ;;
+      IFS='|' read -r stage description <<<"$(stage_image "$image")"
+      build "$image" stage --build-arg STAGE_BASE="$base_ref" --build-arg STAGE="$stage" \
+        --build-arg IMAGE="$image" --build-arg DESCRIPTION="$description" ;;
   esac
 done
 

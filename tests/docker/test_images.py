@@ -39,6 +39,8 @@ def run(ref: str, *args: str, entrypoint: str = "python"):
 
 def test_every_stage_names_an_image_that_is_built(stage_images):
     assert {spec.image for spec in STAGES.values()} <= set(stage_images)
+    # Each image's entry point is a stage that names that image in the stage table.
+    assert all(STAGES[stage].image == image for image, stage in ENTRY_STAGE.items())
 
 
 @pytest.mark.parametrize("name", sorted(ENTRY_STAGE))
@@ -49,6 +51,9 @@ def test_stage_image_runs_its_stage_as_a_non_root_user(stage_images, name):
     labels = config["Labels"]
     for key in ("source", "revision", "version", "title"):
         assert labels[f"org.opencontainers.image.{key}"], key
+    assert labels["org.opencontainers.image.title"] == f"genai-pipelines {name}"
+    assert labels["org.opencontainers.image.description"].startswith(f"python -m stages.{ENTRY_STAGE[name]}: ")
+    assert labels["io.genai-pipelines.stage"] == ENTRY_STAGE[name]
     # The entry point works on a read-only root filesystem: --help parses the stage's whole config.
     done = docker("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", "none", stage_images[name], "--help",
                   check=False)  # fmt: skip

@@ -1,4 +1,4 @@
-"""The two stages the DAGs added: publish (stable, versioned model location with lineage) and merge_predictions.
+"""The publish stage (stable, versioned model location with lineage) and merge_predictions (shards joined in order).
 
 Upstream outputs are committed by hand with the real manifest code, so each case is exact and fast.
 """
