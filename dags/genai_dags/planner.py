@@ -40,31 +40,40 @@ def code_identity(settings: PipelineSettings) -> dict[str, str]:
 STAMP_KEYS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated")
 
 
+def input_files(uri: str) -> tuple[Any, dict[str, dict[str, Any]]] | None:
+    """The files a data URI names (a file, a folder's files at any depth, or a glob's files) with their
+    listings' info; None when nothing is there. One listing call for a folder or a glob, nothing read."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if any(c in path for c in "*?["):
+        infos = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
+    elif fs.isdir(path):
+        infos = fs.find(path, detail=True)
+    elif fs.exists(path):
+        infos = {path: fs.info(path)}
+    else:
+        return None
+    return fs, infos
+
+
 def input_fingerprint(uris: dict[str, str]) -> dict[str, str]:
     """A cheap identity of each input: its files' names, sizes and change stamps (a listing, no content read).
 
-    It goes into the default run id too: the same conf over changed data is a new run, instead of a
-    run whose stages refuse to overwrite outputs committed for the old data.
+    It goes into the default run id: the same conf over changed data is a new run, instead of a run
+    whose stages refuse to overwrite outputs committed for the old data.
     """
-    import fsspec
-
     out = {}
     for field, uri in sorted(uris.items()):
         if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
             out[field] = uri  # a hub model id: its name is all we know
             continue
-        fs, path = fsspec.core.url_to_fs(uri)
-        if any(c in path for c in "*?["):
-            infos = {p: fs.info(p) for p in fs.glob(path)}
-        elif fs.isdir(path):
-            infos = fs.find(path, detail=True)
-        elif fs.exists(path):
-            infos = {path: fs.info(path)}
-        else:
+        found = input_files(uri)
+        if found is None:
             out[field] = "missing"  # the stage reports it, with the field's name
             continue
         h = hashlib.sha256()
-        for name, info in sorted(infos.items()):
+        for name, info in sorted(found[1].items()):
             stamp = next((info[k] for k in STAMP_KEYS if info.get(k) is not None), "")
             h.update(f"{name}\0{info.get('size')}\0{stamp}\n".encode())
         out[field] = h.hexdigest()
@@ -178,17 +187,10 @@ def read_published(settings: PipelineSettings, model_name: str, version: str) ->
 
 def count_records(uri: str) -> int:
     """JSONL records in a file, folder or glob: newlines counted in 1 MiB chunks, nothing parsed or held."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    if any(c in path for c in "*?["):
-        files = [f for f in fs.glob(path) if not fs.isdir(f)]
-    elif fs.isdir(path):
-        files = fs.find(path)
-    elif fs.exists(path):
-        files = [path]
-    else:
+    found = input_files(uri)
+    if found is None:
         raise PlanError(f"prompts_uri={uri!r} does not exist")
+    fs, files = found
     records = 0
     for file in sorted(files):
         last = b"\n"
