@@ -95,81 +95,143 @@ def _stage_record(uri: str, committed: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
-    lineage_stages: dict[str, Any] = {}
+# ---------------------------------------------------------------------------------------------
+# Reading and checking: every refusal comes before the first copy.
 
-    # The adapter: a train_lora output (adapter/ inside) or a bare PEFT adapter folder.
+
+@dataclass(frozen=True)
+class Adapter:
+    """The adapter to publish: a committed train_lora output (``adapter/`` inside) or a bare PEFT folder."""
+
+    uri: str  # the folder that holds adapter_config.json
+    files: list[str]  # relative to uri
+    trained: dict[str, Any] | None  # train_lora's manifest, when adapter_uri is a committed train_lora output
+    base_model: str | None
+
+
+def read_adapter(config: PublishConfig) -> Adapter:
+    """The adapter's files and its base model (from train_lora's config, else ``training_base.json``)."""
     trained = manifest.read(config.adapter_uri)
     adapter_dir = store.join(config.adapter_uri, "adapter") if trained else config.adapter_uri
-    adapter_files = store.list_files(adapter_dir)
-    if "adapter_config.json" not in adapter_files:
+    files = store.list_files(adapter_dir)
+    if "adapter_config.json" not in files:
         raise UserError(f"adapter_uri={config.adapter_uri!r} holds no PEFT adapter (no adapter_config.json)")
-    for rel in adapter_files:
-        store.copy_file(store.join(adapter_dir, rel), run.output("adapter", rel))
-    base_model = None
-    if trained:
-        lineage_stages["train_lora"] = _stage_record(config.adapter_uri, trained)
-        base_model = trained.get("config", {}).get("base_model")
-        train_log = store.join(config.adapter_uri, "train_log.jsonl")
-        if store.exists(train_log):
-            store.copy_file(train_log, run.output("train_log.jsonl"))
-        dataset_uri = trained.get("config", {}).get("dataset_uri")
-        tokenized = manifest.read(dataset_uri) if dataset_uri else None
-        if tokenized:
-            lineage_stages["tokenize"] = _stage_record(dataset_uri, tokenized)
+    base_model = trained.get("config", {}).get("base_model") if trained else None
     if base_model is None:
         training_base = (
             json.loads(store.read_text(store.join(adapter_dir, "training_base.json")))
-            if "training_base.json" in adapter_files
+            if "training_base.json" in files
             else {}
         )
         base_model = training_base.get("base_model")
+    return Adapter(uri=adapter_dir, files=files, trained=trained, base_model=base_model)
 
-    # The evaluation and its verdict.
+
+def read_evaluation(config: PublishConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """evaluate's manifest and its quality-gate verdict; a failed gate is refused unless ``require_gate=false``."""
     evaluated = manifest.read(config.evaluation_uri) or {}
-    lineage_stages["evaluate"] = _stage_record(config.evaluation_uri, evaluated)
     gate = (evaluated.get("metrics") or {}).get("quality_gate") or {}
     if config.require_gate and not gate.get("passed"):
         raise UserError(
             f"evaluation at {config.evaluation_uri} did not pass its quality gate "
             f"({gate.get('reason', 'no verdict recorded')}); set require_gate=false to publish anyway"
         )
+    return evaluated, gate
+
+
+def read_predictions(config: PublishConfig) -> tuple[str, dict[str, Any]] | None:
+    """The batch_infer output to record in the lineage and its manifest, if any; it must be committed."""
+    predictions = _predictions(config)
+    if not predictions:
+        return None
+    predicted = manifest.read(predictions)
+    if predicted is None:
+        raise UserError(f"predictions_uri={predictions!r} is not a committed batch_infer output")
+    return predictions, predicted
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def copy_adapter(config: PublishConfig, run: StageRun, adapter: Adapter) -> None:
+    """``adapter/``, and train_lora's ``train_log.jsonl`` when there is one."""
+    for rel in adapter.files:
+        store.copy_file(store.join(adapter.uri, rel), run.output("adapter", rel))
+    if adapter.trained:
+        train_log = store.join(config.adapter_uri, "train_log.jsonl")
+        if store.exists(train_log):
+            store.copy_file(train_log, run.output("train_log.jsonl"))
+
+
+def copy_evaluation(config: PublishConfig, run: StageRun) -> list[str]:
+    """evaluate's report files that exist, under ``evaluation/``; returns their names."""
     copied = []
     for name in EVALUATION_FILES:
         src = store.join(config.evaluation_uri, name)
         if store.exists(src):
             store.copy_file(src, run.output("evaluation", name))
             copied.append(name)
+    return copied
 
-    if predictions := _predictions(config):
-        predicted = manifest.read(predictions)
-        if predicted is None:
-            raise UserError(f"predictions_uri={predictions!r} is not a committed batch_infer output")
-        lineage_stages["batch_infer"] = _stage_record(predictions, predicted)
 
-    lineage = {
+def build_lineage(
+    config: PublishConfig,
+    run: StageRun,
+    adapter: Adapter,
+    evaluated: dict[str, Any],
+    gate: dict[str, Any],
+    predictions: tuple[str, dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """Where the published model comes from: the run, the base model, and every upstream stage's identity."""
+    stages: dict[str, Any] = {}
+    if adapter.trained:
+        stages["train_lora"] = _stage_record(config.adapter_uri, adapter.trained)
+        dataset_uri = adapter.trained.get("config", {}).get("dataset_uri")
+        tokenized = manifest.read(dataset_uri) if dataset_uri else None
+        if tokenized:
+            stages["tokenize"] = _stage_record(dataset_uri, tokenized)
+    stages["evaluate"] = _stage_record(config.evaluation_uri, evaluated)
+    if predictions:
+        stages["batch_infer"] = _stage_record(*predictions)
+    return {
         "model_name": config.model_name,
         "version": config.version,
         "run_id": config.run_id,
-        "base_model": base_model,
-        "base_model_sha256": (trained or {}).get("inputs", {}).get("base_model", {}).get("sha256"),
+        "base_model": adapter.base_model,
+        "base_model_sha256": (adapter.trained or {}).get("inputs", {}).get("base_model", {}).get("sha256"),
         "quality_gate": gate,
         "inputs": run.inputs,
-        "stages": lineage_stages,
-        "images": sorted({s["code"]["image"] for s in lineage_stages.values() if s["code"].get("image")}),
+        "stages": stages,
+        "images": sorted({s["code"]["image"] for s in stages.values() if s["code"].get("image")}),
     }
+
+
+def sanity_check(run: StageRun, adapter: Adapter) -> None:
+    """The published adapter is byte-identical to what was trained."""
+    for rel in adapter.files:
+        if store.sha256(run.output("adapter", rel)) != store.sha256(store.join(adapter.uri, rel)):
+            raise RuntimeError(f"published adapter file {rel} differs from its source")
+
+
+def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
+    """Check what is to be published, copy it, write its lineage; the runner then commits the manifest."""
+    adapter = read_adapter(config)
+    evaluated, gate = read_evaluation(config)
+    predictions = read_predictions(config)
+
+    copy_adapter(config, run, adapter)
+    copied = copy_evaluation(config, run)
+    lineage = build_lineage(config, run, adapter, evaluated, gate, predictions)
     store.write_text(run.output("lineage.json"), json.dumps(lineage, indent=2, sort_keys=True) + "\n")
 
-    # Sanity check: the published adapter is byte-identical to what was trained.
-    for rel in adapter_files:
-        if store.sha256(run.output("adapter", rel)) != store.sha256(store.join(adapter_dir, rel)):
-            raise RuntimeError(f"published adapter file {rel} differs from its source")
+    sanity_check(run, adapter)
     log.info(
         "published %s version %s at %s (%d adapter files, evaluation: %s)",
         config.model_name,
         config.version,
         run.out_uri,
-        len(adapter_files),
+        len(adapter.files),
         ", ".join(copied) or "none",
     )
     return {
@@ -177,7 +239,7 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
         "version": config.version,
         "uri": run.out_uri,
         "adapter_uri": run.output("adapter"),
-        "base_model": base_model,
+        "base_model": adapter.base_model,
         "quality_gate_passed": bool(gate.get("passed")),
     }
 

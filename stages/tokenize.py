@@ -317,27 +317,72 @@ def ingest(
     ``on_documents`` receives each group of newly kept documents as soon as they are known (the stage
     tokenizes them while the next records are read and cleaned).
     """
-    counts: Counter = Counter()
-    docs: list[str] = []
-    seen: set[str] = set()  # holds the same string objects as docs: no second copy of the corpus
-    first_bad = ""
+    corpus = Corpus(config, on_documents)
+    for uri in files:
+        for records in record_batches(uri, config):
+            corpus.add(uri, records)
+    corpus.check(len(files))
+    return corpus.docs, corpus.counts
 
-    def keep(uri: str, records: list[RawRecord]) -> None:
-        nonlocal first_bad
+
+def record_batches(uri: str, config: TokenizeConfig) -> Iterator[list[RawRecord]]:
+    """The raw records of one file, in groups of at most CLEAN_BATCH records or about CLEAN_BATCH_CHARS characters."""
+    records: list[RawRecord] = []
+    chars = 0
+    for record in read_records(uri, config):
+        records.append(record)
+        chars += len(record.text or "")
+        if len(records) == CLEAN_BATCH or chars >= CLEAN_BATCH_CHARS:
+            yield records
+            records, chars = [], 0
+    if records:
+        yield records
+
+
+class Corpus:
+    """The documents kept so far (cleaned, in range, unique, in input order) and the counts of what was read,
+    flagged and dropped, with where the first unusable record was."""
+
+    def __init__(self, config: TokenizeConfig, on_documents: Callable[[list[str]], None] | None = None) -> None:
+        self.config = config
+        self.on_documents = on_documents
+        self.counts: Counter = Counter()
+        self.docs: list[str] = []
+        self.seen: set[str] = set()  # holds the same string objects as docs: no second copy of the corpus
+        self.first_bad = ""
+
+    def add(self, uri: str, records: list[RawRecord]) -> None:
+        """Count a batch of records from ``uri``, clean the usable ones and keep those that pass the filters."""
+        kept_from = len(self.docs)
+        self.keep(clean_many(self.usable_texts(uri, records), self.config.normalization))
+        if self.on_documents is not None and len(self.docs) > kept_from:
+            self.on_documents(self.docs[kept_from:])
+
+    def usable_texts(self, uri: str, records: list[RawRecord]) -> list[str]:
+        """The texts of the records that have one; the others are counted by problem (bad_json, missing_field)."""
+        counts = self.counts
         counts["records_read"] += len(records)
         counts["records_with_invalid_utf8"] += sum(r.invalid_utf8 for r in records)
         usable = []
         for record in records:
             if record.problem:
                 counts[record.problem] += 1
-                if not first_bad:
-                    what = "not valid JSON" if record.problem == "bad_json" else f"no string {config.text_field!r}"
-                    unit = "row" if file_format(uri, config.input_format) == "parquet" else "line"
-                    first_bad = f"{uri} {unit} {record.line}: {what}"
+                if not self.first_bad:
+                    self.first_bad = self.where(uri, record)
             else:
                 usable.append(record.text)
-        kept_from = len(docs)
-        for text in clean_many(usable, config.normalization):
+        return usable
+
+    def where(self, uri: str, record: RawRecord) -> str:
+        """An unusable record, for the error message: file, line or row, and what is wrong with it."""
+        what = "not valid JSON" if record.problem == "bad_json" else f"no string {self.config.text_field!r}"
+        unit = "row" if file_format(uri, self.config.input_format) == "parquet" else "line"
+        return f"{uri} {unit} {record.line}: {what}"
+
+    def keep(self, texts: list[str]) -> None:
+        """Keep the cleaned texts that are in range and not seen before; count the others by drop reason."""
+        config, counts, docs, seen = self.config, self.counts, self.docs, self.seen
+        for text in texts:
             if not text:
                 reason = "empty"
             elif len(text) < config.min_chars:
@@ -351,37 +396,26 @@ def ingest(
                 docs.append(text)
                 continue
             counts[reason] += 1
-        if on_documents is not None and len(docs) > kept_from:
-            on_documents(docs[kept_from:])
 
-    for uri in files:
-        records: list[RawRecord] = []
-        chars = 0
-        for record in read_records(uri, config):
-            records.append(record)
-            chars += len(record.text or "")
-            if len(records) == CLEAN_BATCH or chars >= CLEAN_BATCH_CHARS:
-                keep(uri, records)
-                records, chars = [], 0
-        keep(uri, records)
-
-    read = counts["records_read"]
-    if read == 0:
-        raise UserError(f"input_uri={config.input_uri!r} holds no text: {len(files)} file(s), all empty or blank")
-    bad = sum(counts[r] for r in UNUSABLE)
-    if bad / read > config.max_bad_fraction:
-        raise UserError(
-            f"{bad} of {read} records ({bad / read:.1%}) are unusable (bad_json {counts['bad_json']}, "
-            f"missing_field {counts['missing_field']}), more than max_bad_fraction={config.max_bad_fraction}; "
-            f"first: {first_bad}"
-        )
-    if not docs:
-        dropped = ", ".join(f"{r} {counts[r]}" for r in DROP_REASONS if counts[r])
-        raise UserError(
-            f"no valid records after cleaning: read {read} from input_uri={config.input_uri!r}, dropped {dropped} "
-            f"(min_chars={config.min_chars}, max_chars={config.max_chars})"
-        )
-    return docs, counts
+    def check(self, n_files: int) -> None:
+        """Fail when the input held no text, too many unusable records, or nothing left after cleaning."""
+        config, counts = self.config, self.counts
+        read = counts["records_read"]
+        if read == 0:
+            raise UserError(f"input_uri={config.input_uri!r} holds no text: {n_files} file(s), all empty or blank")
+        bad = sum(counts[r] for r in UNUSABLE)
+        if bad / read > config.max_bad_fraction:
+            raise UserError(
+                f"{bad} of {read} records ({bad / read:.1%}) are unusable (bad_json {counts['bad_json']}, "
+                f"missing_field {counts['missing_field']}), more than max_bad_fraction={config.max_bad_fraction}; "
+                f"first: {self.first_bad}"
+            )
+        if not self.docs:
+            dropped = ", ".join(f"{r} {counts[r]}" for r in DROP_REASONS if counts[r])
+            raise UserError(
+                f"no valid records after cleaning: read {read} from input_uri={config.input_uri!r}, dropped {dropped} "
+                f"(min_chars={config.min_chars}, max_chars={config.max_chars})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,154 +161,227 @@ def set_rng_state(state: dict) -> None:
 
 def train(config: TrainLoraConfig, run: StageRun) -> dict:
     with PreemptionNotice() as notice:
-        return train_until_done_or_preempted(config, run, notice)
+        return LoRARecipe(config, run, notice).train()
 
 
-def train_until_done_or_preempted(config: TrainLoraConfig, run: StageRun, notice: PreemptionNotice) -> dict:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from tqdm import tqdm
-    from transformers import get_scheduler
+class LoRARecipe:
+    """LoRA fine-tuning as a recipe: ``setup``, ``resume``, then ``train_step`` until done, with
+    ``save_checkpoint`` every ``checkpoint_every`` steps and on SIGTERM, and ``save_adapter`` at the end.
 
-    device = models.pick_device(config.device)
-    dtype = models.pick_dtype(config.precision, device)
-    blocks = load_blocks(config.dataset_uri)
-    n_blocks, block_size = blocks.shape
-    blocks_per_step = config.batch_size * config.grad_accum_steps
-    steps_per_epoch = math.ceil(n_blocks / blocks_per_step)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    All training state lives in attributes, so a checkpoint is exactly what ``save_checkpoint`` writes
+    and ``resume`` reads back: adapter weights, optimizer, scheduler, RNG states and the loss history.
+    The data position needs no state: it is a pure function of the step (``batch_indices``).
+    """
 
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    with models.model_dir(config.base_model) as base_path:
-        base = models.load_model(base_path, dtype, device)
-    context = getattr(base.config, "max_position_embeddings", block_size)
-    if block_size > context:
-        raise UserError(f"dataset blocks have {block_size} tokens, more than base_model's context of {context}")
-    model = wrap_with_lora(base, config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    log.info(
-        "LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%); %d blocks x %d tokens; %d steps on %s/%s",
-        config.rank,
-        ",".join(config.target_modules),
-        n_trainable,
-        n_total,
-        100 * n_trainable / n_total,
-        n_blocks,
-        block_size,
-        total_steps,
-        device,
-        dtype,
-    )
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(
-        config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
-    )
+    def __init__(self, config: TrainLoraConfig, run: StageRun, notice: PreemptionNotice) -> None:
+        self.config = config
+        self.run = run
+        self.notice = notice
+        self.checkpoints_uri = run.output("checkpoints")
+        self.step = 0  # optimizer steps done
+        self.history: list[dict] = []  # one {"step", "loss", "lr"} per step, the train_log
+        self.resumed_from: int | None = None
+        self.saved_step = -1  # the step of the newest checkpoint, so that a step is never saved twice
+        self.trained_tokens = 0  # in this attempt (since the process started)
 
-    checkpoints_uri = run.output("checkpoints")
-    step, history, resumed_from, saved_step = 0, [], None, -1
-    found = checkpoints.newest_complete(checkpoints_uri, run.cache_key, run.scratch / "resume")
-    if found:
-        step, path = found
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors", device=str(device)))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        history = json.loads((path / "state.json").read_text())["history"]
-        resumed_from = saved_step = step
-        log.info("resumed from checkpoint at step %d of %d", step, total_steps)
+    # -- setup and resume ------------------------------------------------------------------------
 
-    def save_checkpoint() -> None:
-        nonlocal saved_step
-        if saved_step == step:
+    def setup(self) -> None:
+        """Data, the base model wrapped with LoRA, optimizer and scheduler: a fresh run at step 0."""
+        config = self.config
+        self.device = models.pick_device(config.device)
+        self.dtype = models.pick_dtype(config.precision, self.device)
+        self._setup_data()
+        # Seeded right before the model: the LoRA init and then dropout draw from these generators.
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        self._setup_model()
+        self._setup_optimizer()
+
+    def _setup_data(self) -> None:
+        config = self.config
+        blocks = load_blocks(config.dataset_uri)
+        self.n_blocks, self.block_size = blocks.shape
+        self.data = torch.from_numpy(blocks)
+        self.blocks_per_step = config.batch_size * config.grad_accum_steps
+        self.steps_per_epoch = math.ceil(self.n_blocks / self.blocks_per_step)
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+
+    def _setup_model(self) -> None:
+        config = self.config
+        with models.model_dir(config.base_model) as base_path:
+            base = models.load_model(base_path, self.dtype, self.device)
+        context = getattr(base.config, "max_position_embeddings", self.block_size)
+        if self.block_size > context:
+            raise UserError(
+                f"dataset blocks have {self.block_size} tokens, more than base_model's context of {context}"
+            )
+        self.model = wrap_with_lora(base, config)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in self.trainable)
+        self.n_total = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%); %d blocks x %d tokens; %d steps on %s/%s",
+            config.rank,
+            ",".join(config.target_modules),
+            self.n_trainable,
+            self.n_total,
+            100 * self.n_trainable / self.n_total,
+            self.n_blocks,
+            self.block_size,
+            self.total_steps,
+            self.device,
+            self.dtype,
+        )
+
+    def _setup_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        config = self.config
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_scheduler(
+            config.lr_schedule,
+            self.optimizer,
+            num_warmup_steps=config.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint made for this run's inputs and config, if any."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        found = checkpoints.newest_complete(self.checkpoints_uri, self.run.cache_key, self.run.scratch / "resume")
+        if not found:
             return
-        saved_step = step
-        local = run.scratch / "checkpoint"
-        local.mkdir(exist_ok=True)
-        model.save_pretrained(local)  # adapter_model.safetensors + adapter_config.json
-        torch.save(optimizer.state_dict(), local / "optimizer.pt")
-        torch.save(scheduler.state_dict(), local / "scheduler.pt")
-        torch.save(rng_state(), local / "rng.pt")
-        (local / "state.json").write_text(json.dumps({"step": step, "history": history}))
-        uri = checkpoints.save(local, checkpoints_uri, step, run.cache_key)
-        checkpoints.prune(checkpoints_uri, config.keep_checkpoints)
-        log.info("checkpoint saved at step %d: %s", step, uri)
+        step, path = found
+        set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors", device=str(self.device)))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        self.history = json.loads((path / "state.json").read_text())["history"]
+        self.step = self.resumed_from = self.saved_step = step
+        log.info("resumed from checkpoint at step %d of %d", step, self.total_steps)
 
-    data = torch.from_numpy(blocks)
-    model.train()
-    started, trained_tokens = time.time(), 0
-    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not sys.stderr.isatty())
-    while step < total_steps:
-        if notice.received:
-            save_checkpoint()
-            raise Preempted(f"stopped at step {step} of {total_steps}; rerun to resume")
-        indices = batch_indices(step, n_blocks, blocks_per_step, steps_per_epoch, config.seed)
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Set up, resume, train to ``total_steps`` (or checkpoint and stop on SIGTERM), save the adapter."""
+        from tqdm import tqdm
+
+        self.setup()
+        self.resume()
+        self.model.train()
+        started = time.time()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not sys.stderr.isatty())
+        while self.step < self.total_steps:
+            if self.notice.received:
+                self.save_checkpoint()
+                raise Preempted(f"stopped at step {self.step} of {self.total_steps}; rerun to resume")
+            loss = self.train_step()
+            tokens_per_s = self.trained_tokens / max(time.time() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            self.log_step(loss, tokens_per_s)
+            if self.step % self.config.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+
+        self.save_adapter()
+        sanity_check(self.model, self.history)
+        return self.metrics(seconds=time.time() - started)
+
+    def train_step(self) -> float:
+        """One optimizer step on the blocks of step ``self.step``, over micro-batches; returns its loss."""
+        config = self.config
+        indices = batch_indices(self.step, self.n_blocks, self.blocks_per_step, self.steps_per_epoch, config.seed)
         step_loss = 0.0
         for micro in indices.split(config.batch_size):
-            batch = data[micro].to(device)
-            loss = model(input_ids=batch, labels=batch).loss * (len(micro) / len(indices))
+            batch = self.data[micro].to(self.device)
+            loss = self.model(input_ids=batch, labels=batch).loss * (len(micro) / len(indices))
             loss.backward()
             step_loss += loss.item()
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        trained_tokens += len(indices) * block_size
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.trained_tokens += len(indices) * self.block_size
         if not math.isfinite(step_loss):
-            raise RuntimeError(f"loss is {step_loss} at step {step}: training diverged (lower learning_rate?)")
-        history.append({"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0]})
-        tokens_per_s = trained_tokens / max(time.time() - started, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
-        if step % config.log_every == 0 or step == total_steps:
+            raise RuntimeError(f"loss is {step_loss} at step {self.step}: training diverged (lower learning_rate?)")
+        self.history.append({"step": self.step, "loss": round(step_loss, 6), "lr": self.scheduler.get_last_lr()[0]})
+        return step_loss
+
+    def log_step(self, loss: float, tokens_per_s: float) -> None:
+        if self.step % self.config.log_every == 0 or self.step == self.total_steps:
             log.info(
                 "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
-                step,
-                total_steps,
-                step_loss,
-                scheduler.get_last_lr()[0],
+                self.step,
+                self.total_steps,
+                loss,
+                self.scheduler.get_last_lr()[0],
                 tokens_per_s,
             )
-        if step % config.checkpoint_every == 0 and step < total_steps:
-            save_checkpoint()
-    bar.close()
 
-    adapter_dir = run.scratch / "adapter"
-    model.peft_config["default"].base_model_name_or_path = config.base_model
-    model.save_pretrained(adapter_dir)
-    (adapter_dir / "training_base.json").write_text(
-        json.dumps({"base_model": config.base_model, "sha256": run.inputs["base_model"]["sha256"]}, indent=2)
-    )
-    store.upload_dir(adapter_dir, run.output("adapter"))
-    store.write_text(run.output("train_log.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
-    run.remove_after_commit.append(checkpoints_uri)
+    # -- saving ----------------------------------------------------------------------------------
 
-    sanity_check(model, history)
-    seconds = time.time() - started
-    metrics = {
-        "steps": step,
-        "resumed_from_step": resumed_from,
-        "final_loss": history[-1]["loss"] if history else None,
-        "first_loss": history[0]["loss"] if history else None,
-        "trained_tokens_this_attempt": trained_tokens,
-        "tokens_per_second": round(trained_tokens / max(seconds, 1e-9), 1),
-        "trainable_parameters": n_trainable,
-        "total_parameters": n_total,
-        "device": str(device),
-        "precision": str(dtype).removeprefix("torch."),
-    }
-    log.info(
-        "trained %d steps: loss %s -> %s, %.0f tokens/s",
-        step,
-        metrics["first_loss"],
-        metrics["final_loss"],
-        metrics["tokens_per_second"],
-    )
-    return metrics
+    def save_checkpoint(self) -> None:
+        """Upload adapter, optimizer, scheduler, RNG states and history as ``step-<step>``; keep the newest few."""
+        if self.saved_step == self.step:
+            return
+        self.saved_step = self.step
+        local = self.run.scratch / "checkpoint"
+        local.mkdir(exist_ok=True)
+        self.model.save_pretrained(local)  # adapter_model.safetensors + adapter_config.json
+        torch.save(self.optimizer.state_dict(), local / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), local / "scheduler.pt")
+        torch.save(rng_state(), local / "rng.pt")
+        (local / "state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+        uri = checkpoints.save(local, self.checkpoints_uri, self.step, self.run.cache_key)
+        checkpoints.prune(self.checkpoints_uri, self.config.keep_checkpoints)
+        log.info("checkpoint saved at step %d: %s", self.step, uri)
+
+    def save_adapter(self) -> None:
+        """The stage's outputs: the adapter in PEFT's format (plus its base model's identity) and the train log.
+
+        The checkpoints are working state, deleted once the manifest is committed.
+        """
+        config, run = self.config, self.run
+        adapter_dir = run.scratch / "adapter"
+        self.model.peft_config["default"].base_model_name_or_path = config.base_model
+        self.model.save_pretrained(adapter_dir)
+        (adapter_dir / "training_base.json").write_text(
+            json.dumps({"base_model": config.base_model, "sha256": run.inputs["base_model"]["sha256"]}, indent=2)
+        )
+        store.upload_dir(adapter_dir, run.output("adapter"))
+        store.write_text(run.output("train_log.jsonl"), "".join(json.dumps(h) + "\n" for h in self.history))
+        run.remove_after_commit.append(self.checkpoints_uri)
+
+    def metrics(self, seconds: float) -> dict:
+        """What the manifest records of this training, logged in one line."""
+        history = self.history
+        metrics = {
+            "steps": self.step,
+            "resumed_from_step": self.resumed_from,
+            "final_loss": history[-1]["loss"] if history else None,
+            "first_loss": history[0]["loss"] if history else None,
+            "trained_tokens_this_attempt": self.trained_tokens,
+            "tokens_per_second": round(self.trained_tokens / max(seconds, 1e-9), 1),
+            "trainable_parameters": self.n_trainable,
+            "total_parameters": self.n_total,
+            "device": str(self.device),
+            "precision": str(self.dtype).removeprefix("torch."),
+        }
+        log.info(
+            "trained %d steps: loss %s -> %s, %.0f tokens/s",
+            self.step,
+            metrics["first_loss"],
+            metrics["final_loss"],
+            metrics["tokens_per_second"],
+        )
+        return metrics
 
 
 def sanity_check(model, history: list[dict]) -> None:
