@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from stages import store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import store
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.base_model")
 EOS = "<|endoftext|>"

@@ -31,10 +31,10 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from stages import manifest, models, store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import manifest, models, store
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.batch_infer")
 NO_ADAPTER = "none"

@@ -27,10 +27,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages import checkpoints, models, store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import Preempted, StageConfig, StageRun, run_stage
+from stages.core import checkpoints, models, store
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.train_lora")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from stages import store
+from stages.core import store
 
 STAGE, KILL_AT = sys.argv[1], int(sys.argv[2])
 RECORD = Path(os.environ["FAULT_RECORD"])

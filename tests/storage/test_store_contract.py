@@ -16,8 +16,8 @@ import uuid
 
 import pytest
 
-from stages import checkpoints, manifest, store
-from stages.errors import UserError
+from stages.core import checkpoints, manifest, store
+from stages.core.errors import UserError
 
 pytestmark = pytest.mark.storage
 

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import __version__, store
-from stages.errors import UserError
+from stages import __version__
+from stages.core import store
+from stages.core.errors import UserError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -40,11 +41,12 @@ def code_version(stage_file: str) -> dict[str, str]:
     """
     h = hashlib.sha256()
     stage = Path(stage_file).resolve()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    package = Path(__file__).parent.parent
+    for path in sorted(package.glob("*.py")) + sorted(Path(__file__).parent.glob("*.py")):
         source = path.read_bytes()
         if path.resolve() != stage and b'if __name__ == "__main__":' in source:
             continue
-        h.update(path.name.encode())
+        h.update(path.relative_to(package).as_posix().encode())
         h.update(source)
     version = {"package": __version__, "source_sha256": h.hexdigest()}
     if os.environ.get("STAGE_IMAGE"):

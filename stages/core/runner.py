@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages import manifest, store
-from stages.config import check_run_id, config_to_dict, describe, help_field, load_config
-from stages.errors import UserError
+from stages.core import manifest, store
+from stages.core.config import check_run_id, config_to_dict, describe, help_field, load_config
+from stages.core.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143

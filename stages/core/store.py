@@ -48,7 +48,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec
 
-from stages.errors import UserError
+from stages.core.errors import UserError
 
 log = logging.getLogger(__name__)
 # Azure's SDK logs every request and its headers at INFO; the stages log at INFO.
@@ -625,7 +625,7 @@ def local_copy(uri: str) -> Iterator[Path]:
     if is_local(uri):
         yield local_path(uri)
         return
-    from stages import manifest  # the commit protocol knows which files a committed output holds
+    from stages.core import manifest  # the commit protocol knows which files a committed output holds
 
     fs, path = _fs(uri)
     expected = manifest.committed_files(uri)

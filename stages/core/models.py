@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages import store
-from stages.errors import UserError
+from stages.core import store
+from stages.core.errors import UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
     import torch

@@ -20,7 +20,7 @@ import logging
 import re
 from pathlib import Path
 
-from stages import store
+from stages.core import store
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"

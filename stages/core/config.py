@@ -2,7 +2,7 @@
 
 Every stage declares one dataclass. Each field has a default and help text
 (``field(metadata={"help": ...})``); ``__post_init__`` validates ranges and raises
-:class:`~stages.errors.ConfigError` naming the field and the value. Unknown keys are errors.
+:class:`~stages.core.errors.ConfigError` naming the field and the value. Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from stages import store
-from stages.errors import ConfigError
+from stages.core import store
+from stages.core.errors import ConfigError
 
 C = TypeVar("C")
 
