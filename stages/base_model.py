@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.core import store
+from stages.core import store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -46,7 +46,7 @@ class BaseModelConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.corpus_uri), "corpus_uri is required: the text files to pretrain on")
-        self.corpus_uri = store.normalize_uri(self.corpus_uri, "corpus_uri")
+        self.corpus_uri = uris.normalize_uri(self.corpus_uri, "corpus_uri")
         check(self.vocab_size >= 300, f"vocab_size={self.vocab_size} must be >= 300 (256 bytes + merges)")
         for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size", "seq_len"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core import manifest, store
+from stages.core import manifest, store, uris
 from stages.core.config import check, check_run_id, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -56,10 +56,10 @@ class PublishConfig(StageConfig):
         if self.predictions_uri.strip().lower() == NONE:
             self.predictions_uri = NONE
         elif self.predictions_uri:
-            self.predictions_uri = store.normalize_uri(self.predictions_uri, "predictions_uri")
+            self.predictions_uri = uris.normalize_uri(self.predictions_uri, "predictions_uri")
 
     def output_uri(self, stage: str) -> str:
-        return store.join(self.artifact_root, "models", self.model_name, self.version)
+        return uris.join(self.artifact_root, "models", self.model_name, self.version)
 
 
 def _predictions(config: PublishConfig) -> str | None:
@@ -73,13 +73,13 @@ def _predictions(config: PublishConfig) -> str | None:
 
 
 def inputs(config: PublishConfig) -> dict[str, str]:
-    uris = {"adapter_uri": config.adapter_uri, "evaluation_uri": config.evaluation_uri}
-    for field, uri in uris.items():
+    input_uris = {"adapter_uri": config.adapter_uri, "evaluation_uri": config.evaluation_uri}
+    for field, uri in input_uris.items():
         if field == "evaluation_uri" and manifest.read(uri) is None:
             raise UserError(f"{field}={uri!r} is not a committed evaluate output (no manifest.json)")
     if predictions := _predictions(config):
-        uris["predictions_uri"] = predictions
-    return uris
+        input_uris["predictions_uri"] = predictions
+    return input_uris
 
 
 def _stage_record(uri: str, committed: dict[str, Any]) -> dict[str, Any]:
@@ -100,17 +100,17 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
 
     # The adapter: a train_lora output (adapter/ inside) or a bare PEFT adapter folder.
     trained = manifest.read(config.adapter_uri)
-    adapter_dir = store.join(config.adapter_uri, "adapter") if trained else config.adapter_uri
+    adapter_dir = uris.join(config.adapter_uri, "adapter") if trained else config.adapter_uri
     adapter_files = store.list_files(adapter_dir)
     if "adapter_config.json" not in adapter_files:
         raise UserError(f"adapter_uri={config.adapter_uri!r} holds no PEFT adapter (no adapter_config.json)")
     for rel in adapter_files:
-        store.copy_file(store.join(adapter_dir, rel), run.output("adapter", rel))
+        store.copy_file(uris.join(adapter_dir, rel), run.output("adapter", rel))
     base_model = None
     if trained:
         lineage_stages["train_lora"] = _stage_record(config.adapter_uri, trained)
         base_model = trained.get("config", {}).get("base_model")
-        train_log = store.join(config.adapter_uri, "train_log.jsonl")
+        train_log = uris.join(config.adapter_uri, "train_log.jsonl")
         if store.exists(train_log):
             store.copy_file(train_log, run.output("train_log.jsonl"))
         dataset_uri = trained.get("config", {}).get("dataset_uri")
@@ -119,7 +119,7 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
             lineage_stages["tokenize"] = _stage_record(dataset_uri, tokenized)
     if base_model is None:
         training_base = (
-            json.loads(store.read_text(store.join(adapter_dir, "training_base.json")))
+            json.loads(store.read_text(uris.join(adapter_dir, "training_base.json")))
             if "training_base.json" in adapter_files
             else {}
         )
@@ -136,7 +136,7 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
         )
     copied = []
     for name in EVALUATION_FILES:
-        src = store.join(config.evaluation_uri, name)
+        src = uris.join(config.evaluation_uri, name)
         if store.exists(src):
             store.copy_file(src, run.output("evaluation", name))
             copied.append(name)
@@ -162,7 +162,7 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
 
     # Sanity check: the published adapter is byte-identical to what was trained.
     for rel in adapter_files:
-        if store.sha256(run.output("adapter", rel)) != store.sha256(store.join(adapter_dir, rel)):
+        if store.sha256(run.output("adapter", rel)) != store.sha256(uris.join(adapter_dir, rel)):
             raise RuntimeError(f"published adapter file {rel} differs from its source")
     log.info(
         "published %s version %s at %s (%d adapter files, evaluation: %s)",

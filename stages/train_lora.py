@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.core import checkpoints, models, store
+from stages.core import checkpoints, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
@@ -65,8 +65,8 @@ class TrainLoraConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if store.is_uri(self.base_model):
-            self.base_model = store.normalize_uri(self.base_model, "base_model")
+        if uris.is_uri(self.base_model):
+            self.base_model = uris.normalize_uri(self.base_model, "base_model")
         self.resolve_input("dataset_uri", "tokenize")
         check(self.rank > 0, f"rank={self.rank} must be > 0")
         check(self.alpha > 0, f"alpha={self.alpha} must be > 0")
@@ -105,7 +105,7 @@ class PreemptionNotice:
 def load_blocks(dataset_uri: str) -> np.ndarray:
     import datasets
 
-    with store.local_copy(store.join(dataset_uri, "dataset")) as path:
+    with store.local_copy(uris.join(dataset_uri, "dataset")) as path:
         try:
             train = datasets.load_from_disk(str(path))["train"]
         except (FileNotFoundError, KeyError) as exc:

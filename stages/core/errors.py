@@ -1,4 +1,8 @@
-"""Errors that are the user's to fix: the runner prints them without a traceback and exits 2."""
+"""The errors a stage reports in one line, without a traceback.
+
+:class:`UserError`: the user's to fix, exit 2. :class:`StoreError`: the artifact store kept failing, exit 1
+(the orchestrator retries the task).
+"""
 
 
 class UserError(Exception):
@@ -11,3 +15,7 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config value is unknown, of the wrong type or out of range."""
+
+
+class StoreError(RuntimeError):
+    """The store kept failing after bounded retries (transient infrastructure, worth a task retry)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import __version__
-from stages.core import store
+from stages.core import store, uris
 from stages.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def cache_key(stage: str, config: dict[str, Any], inputs: dict[str, Any], code: 
 
 def read(out_uri: str) -> dict[str, Any] | None:
     """The committed manifest of a stage output, or None when it is not committed."""
-    uri = store.join(out_uri, MANIFEST)
+    uri = uris.join(out_uri, MANIFEST)
     try:
         manifest = json.loads(store.read_text(uri))
     except (FileNotFoundError, NotADirectoryError):
@@ -158,7 +158,7 @@ def commit(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
     listed = set(output_files(out_uri))
     outputs = {}
     for rel in sorted(listed | set(written)):
-        uri = store.join(out_uri, rel)
+        uri = uris.join(out_uri, rel)
         digest = written.get(rel)
         try:
             if digest is None:
@@ -176,7 +176,7 @@ def commit(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     try:
-        store.write_text(store.join(out_uri, MANIFEST), text, create_only=True)
+        store.write_text(uris.join(out_uri, MANIFEST), text, create_only=True)
     except FileExistsError:
         existing = read(out_uri)
         if existing is not None and existing.get("cache_key") == manifest.get("cache_key"):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.core import store
+from stages.core import store, uris
 from stages.core.errors import UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
@@ -29,11 +29,11 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 @contextmanager
 def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
     """A local folder (or a hub id) that ``from_pretrained`` accepts, for a URI or a hub id."""
-    if not store.is_uri(name):
+    if not uris.is_uri(name):
         yield name
         return
-    uri = store.normalize_uri(name, field)
-    config_uri = store.join(uri, "config.json")
+    uri = uris.normalize_uri(name, field)
+    config_uri = uris.join(uri, "config.json")
     if not store.exists(config_uri):
         raise UserError(f"{field}={name!r} is not a saved model: {config_uri} does not exist")
     with store.local_copy(uri) as path:

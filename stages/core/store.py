@@ -1,45 +1,31 @@
 """The artifact store: every stage input and output is a URI, read and written through fsspec.
 
 ``file://`` works out of the box; ``s3://``, ``gs://`` and ``abfs://`` need the optional extras
-(``pip install 'genai-pipelines[s3]'`` and so on). Credentials and endpoints come only from the
-environment the platform gives the pod (workload identity, IRSA / Pod Identity, or the standard
-variables: ``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS`` / ``STORAGE_EMULATOR_HOST``,
-``AZURE_STORAGE_*``), never from config: a URI that carries a password or a signature is refused,
-so the resolved config that every stage logs and saves cannot hold one.
+(``pip install 'genai-pipelines[s3]'`` and so on). Which URIs are allowed and how secrets are kept
+out of messages: :mod:`stages.core.uris`; which failures are retried, and how often:
+:mod:`stages.core.retries`.
 
 Object stores have no atomic rename, so the commit protocol never relies on one: a stage writes its
 outputs, then ``manifest.json`` last as a single object. A single-object write is atomic on every
 store; on local disk it is a temp file plus ``os.replace``. The store remembers the hash of every
 object this process wrote, so the manifest lists a stage's outputs without trusting a fresh listing,
 and readers (``local_copy``) fetch exactly the files a manifest names and check their hashes.
-
-Transient failures (throttling, 5xx, dropped connections) are retried twice over: each cloud client
-retries single requests with its own backoff, then the store retries the whole operation
-(``STAGE_STORE_ATTEMPTS``, default 4, backoff from ``STAGE_STORE_BACKOFF_S``, default 1 s, x4, at
-most 30 s) and finally raises :class:`StoreError` naming the URI. ``STAGE_STORE_CLIENT_RETRIES``
-sets how often every client retries one request (unset: each client's default policy).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import errno
 import hashlib
 import io
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
-import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any
 
 # gcsfs >= 2026 probes every bucket for zonal / hierarchical layouts over gRPC; the stages need none of
 # that, and against an emulator (or without a route to the gRPC endpoint) each probe stalls for a minute.
@@ -48,326 +34,23 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec
 
-from stages.core.errors import UserError
+from stages.core.errors import StoreError, UserError
+from stages.core.retries import client_options, tune_client_retries, with_retries
+from stages.core.uris import is_local, join, local_path
 
 log = logging.getLogger(__name__)
 # Azure's SDK logs every request and its headers at INFO; the stages log at INFO.
 logging.getLogger("azure").setLevel(logging.WARNING)
-
-
-class _WithoutTraceback(logging.Filter):
-    """Keep a storage library's line about a failed request, drop its stack trace: the store retries
-    the operation and, when it keeps failing, reports it in one line that names the URI."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.exc_info = record.exc_text = None
-        return True
-
-
-for _library in ("gcsfs", "s3fs", "adlfs.spec"):  # the loggers these libraries log their retries on
-    logging.getLogger(_library).addFilter(_WithoutTraceback())
-
-ALLOWED_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "az", "memory")
-RETRIES = 4  # default of STAGE_STORE_ATTEMPTS
 CHUNK = 8 << 20  # streaming block: memory per open stream stays at this, whatever the file size
-T = TypeVar("T")
-
-# Environment variables whose values are secrets: never in a message we write.
-SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "FSSPEC_S3_SECRET",
-    "FSSPEC_S3_TOKEN",
-    "AZURE_STORAGE_ACCOUNT_KEY",
-    "AZURE_STORAGE_SAS_TOKEN",
-    "AZURE_STORAGE_CLIENT_SECRET",
-    "AZURE_STORAGE_CONNECTION_STRING",
-    "AZURE_CLIENT_SECRET",
-)
-# Query parameters that make a URL a credential (presigned S3 URLs, Azure SAS, GCS signed URLs).
-SIGNED_QUERY = frozenset(
-    """
-    sig x-amz-signature x-amz-credential x-amz-security-token x-goog-signature x-goog-credential
-    signature token access_token key secret
-    """.split()  # noqa: SIM905
-)
-
-
-class StoreError(RuntimeError):
-    """The store kept failing after bounded retries (transient infrastructure, worth a task retry)."""
-
-
-def normalize_uri(uri: str, field: str = "uri") -> str:
-    """A plain path becomes an absolute ``file://`` URI; unknown schemes and embedded credentials are rejected."""
-    if not uri:
-        raise UserError(f"{field} is empty; give a URI such as file:///data/x or s3://bucket/x")
-    scheme, sep, _ = uri.partition("://")
-    if not sep:
-        return "file://" + os.path.abspath(uri)
-    if scheme not in ALLOWED_SCHEMES:
-        raise UserError(f"{field}={redact(uri)!r} uses scheme {scheme!r}; allowed: {', '.join(ALLOWED_SCHEMES)}")
-    if _has_credentials(uri):
-        raise UserError(
-            f"{field}={redact(uri)!r} carries credentials; URIs are logged and saved with every run, so "
-            "credentials must come from the environment (workload identity or the cloud's standard variables)"
-        )
-    return uri
-
-
-def _has_credentials(uri: str) -> bool:
-    parts = urlsplit(uri)
-    if ":" in parts.netloc.rpartition("@")[0]:  # user:password@ (a bare user@, as in abfs container@account, is fine)
-        return True
-    return any(key.lower() in SIGNED_QUERY for key, _ in parse_qsl(parts.query, keep_blank_values=True))
-
-
-def redact(text: str) -> str:
-    """``text`` without URL passwords, URL signatures and the values of the credential variables."""
-    text = re.sub(r"(\w+://)[^/\s:@'\"]+:[^/\s@'\"]+@", r"\1***@", text)
-    text = re.sub(
-        r"(?i)([?&](?:sig|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
-        r"x-goog-credential|signature|access_token)=)[^&\s'\"]+",
-        r"\1***",
-        text,
-    )
-    for name in SECRET_ENV:
-        value = os.environ.get(name, "")
-        for secret in [value, *re.findall(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", value)]:
-            if len(secret) >= 8:
-                text = text.replace(secret, "***")
-    return text
-
-
-def is_uri(name: str) -> bool:
-    """A URI or a local path, as opposed to a hub id such as ``org/model``."""
-    return "://" in name or name.startswith(("/", "."))
-
-
-def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
-
-
-def is_local(uri: str) -> bool:
-    return uri.startswith("file://")
-
-
-def local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
 
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **_client_options(uri.partition("://")[0]))
+        fs, path = fsspec.core.url_to_fs(uri, **client_options(uri.partition("://")[0]))
     except ImportError as exc:
         raise UserError(f"{uri!r} needs an optional filesystem package: {exc}") from None
-    _tune_client_retries(fs)
+    tune_client_retries(fs)
     return fs, path
-
-
-def _client_retries() -> int | None:
-    try:
-        return max(0, int(os.environ["STAGE_STORE_CLIENT_RETRIES"]))
-    except (KeyError, ValueError):
-        return None  # unset (or unreadable): each client keeps its own policy
-
-
-def _client_options(scheme: str) -> dict[str, Any]:
-    retries = _client_retries()
-    if scheme == "s3" and retries is not None:
-        # botocore's "standard" mode retries throttling, 5xx and connection errors with jittered backoff.
-        # Explicit options replace fsspec's configured ones (FSSPEC_S3=...) whole, so those are kept here.
-        config_kwargs = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs") or {})
-        config_kwargs["retries"] = {"mode": "standard", "max_attempts": retries + 1}
-        return {"config_kwargs": config_kwargs}
-    return {}
-
-
-def _tune_client_retries(fs: fsspec.AbstractFileSystem) -> None:
-    """Make every client retry one request ``STAGE_STORE_CLIENT_RETRIES`` times (when it is set)."""
-    retries = _client_retries()
-    if retries is None or getattr(fs, "_stage_client_retries", None) == retries:
-        return
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "s3" in protocols:
-        fs.retries = 1  # botocore retries each request (max_attempts above); no second loop in s3fs
-    if "gs" in protocols:
-        # gcsfs fixes 6 tries (sleeping 1, 2, 4, 8, 16 s) when its class is defined; rewrap this instance's
-        # request methods with the wanted count.
-        from gcsfs.retry import retry_request
-
-        for name in ("_request", "_get_file_request", "_get_file_concurrent"):
-            inner = getattr(getattr(type(fs), name, None), "__wrapped__", None)
-            if inner is not None:
-                setattr(fs, name, types.MethodType(retry_request(retries=retries + 1)(inner), fs))
-    if "abfs" in protocols:
-        # azure-storage-blob defaults to 3 retries after 15 s, 18 s and 24 s; adlfs passes no retry
-        # settings through, so the policy object the client's pipeline holds is adjusted in place.
-        policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
-        if policy is not None:
-            policy.total_retries = policy.connect_retries = policy.read_retries = policy.status_retries = retries
-            policy.initial_backoff, policy.increment_base, policy.random_jitter_range = 1, 2, 1
-    fs._stage_client_retries = retries
-
-
-# ---------------------------------------------------------------------------------------------
-# What a failure means: the fs libraries raise their own exception types (botocore, aiohttp, azure,
-# gcsfs), wrapped in OSError or not, so the store classifies them by type name and status code.
-
-_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-# botocore (connection-level), aiohttp, azure-core, google-auth, requests, urllib3, fsspec
-_TRANSIENT_TYPES = frozenset(
-    """
-    EndpointConnectionError ConnectionClosedError ReadTimeoutError ConnectTimeoutError HTTPClientError
-    ProxyConnectionError ResponseStreamingError IncompleteReadError ServerDisconnectedError
-    ClientConnectionError ClientConnectorError ClientOSError ClientPayloadError ServerTimeoutError
-    ServiceRequestError ServiceResponseError ServiceRequestTimeoutError ServiceResponseTimeoutError
-    IncompleteRead TransportError ChecksumError FSTimeoutError ProxyError ChunkedEncodingError
-    ConnectionError ConnectTimeout ReadTimeout RemoteDisconnected ResponseParserError
-    """.split()  # noqa: SIM905
-)
-_THROTTLE_CODES = frozenset(
-    """
-    SlowDown Throttling ThrottlingException RequestLimitExceeded ServerBusy RequestTimeout
-    InternalError ServiceUnavailable OperationTimedOut TooManyRequestsException rateLimitExceeded
-    backendError
-    """.split()  # noqa: SIM905
-)
-# s3fs turns a 503 into OSError(EBUSY) and a 500 into OSError(EREMOTEIO); the rest are the sockets'.
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE}
-_DENIED_STATUS = {401, 403}
-_DENIED_CODES = frozenset(
-    """
-    AccessDenied InvalidAccessKeyId SignatureDoesNotMatch ExpiredToken AuthenticationFailed
-    AuthorizationFailure AuthorizationPermissionMismatch InsufficientAccountPermissions forbidden
-    """.split()  # noqa: SIM905
-)
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):  # botocore ClientError
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return int(status) if status else None
-    for attr in ("status_code", "status", "code"):  # azure-core, aiohttp, gcsfs HttpError
-        value = getattr(exc, attr, None)
-        if isinstance(value, int) and 100 <= value < 600:
-            return value
-    return None
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return str(getattr(exc, "error_code", "") or getattr(exc, "reason", "") or "")
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def classify(exc: BaseException) -> str:
-    """One of "missing", "exists", "denied", "unsupported", "transient" or "permanent"."""
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return "missing"
-    if isinstance(exc, FileExistsError):
-        return "exists"
-    if isinstance(exc, PermissionError):
-        return "denied"
-    for err in _chain(exc):
-        status, code, name = _status(err), _error_code(err), type(err).__name__
-        if status == 404 or name in ("ResourceNotFoundError", "NoSuchKey"):
-            return "missing"
-        if status in _DENIED_STATUS or code in _DENIED_CODES or name == "ClientAuthenticationError":
-            return "denied"
-        if isinstance(err, OSError) and str(err).startswith("Forbidden"):  # gcsfs's 403
-            return "denied"
-        if status == 501 or code == "NotImplemented":  # e.g. a conditional write an S3-compatible store lacks
-            return "unsupported"
-        if status in _TRANSIENT_STATUS or code in _THROTTLE_CODES or name in _TRANSIENT_TYPES:
-            return "transient"
-        if isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
-            return "transient"
-        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
-            return "transient"
-    return "permanent"
-
-
-_STORAGE_MODULES = frozenset(
-    """
-    botocore aiobotocore s3fs aiohttp azure adlfs gcsfs google requests urllib3 fsspec
-    """.split()  # noqa: SIM905
-)
-
-
-def _from_storage(exc: BaseException) -> bool:
-    return any(
-        isinstance(err, OSError) or type(err).__module__.split(".")[0] in _STORAGE_MODULES for err in _chain(exc)
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    return redact(f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__)
-
-
-def _attempts() -> int:
-    try:
-        return max(1, int(os.environ.get("STAGE_STORE_ATTEMPTS", RETRIES)))
-    except ValueError:
-        return RETRIES
-
-
-def _backoff() -> float:
-    try:
-        return max(0.0, float(os.environ.get("STAGE_STORE_BACKOFF_S", 1.0)))
-    except ValueError:
-        return 1.0
-
-
-def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
-    """Run fn, retrying transient errors with bounded exponential backoff; other errors pass through.
-
-    Missing and already-existing objects keep their built-in types (callers branch on them); a
-    permission problem becomes a UserError; the rest becomes a StoreError that names the URI. Library
-    messages are redacted and the library exception is not chained, so no credential reaches a log.
-    """
-    attempts, delay = _attempts(), _backoff()
-    # Errors are raised after the except block: the library's exception (unredacted text) is not
-    # chained to ours, while whatever the caller was already handling stays visible in the traceback.
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError):
-            raise
-        except Exception as exc:
-            kind = classify(exc)
-            if kind == "exists" or (kind == "permanent" and not _from_storage(exc)):
-                raise  # an existing object callers branch on, or a bug rather than the store
-            failure = _describe(exc)
-        if kind == "missing":
-            raise FileNotFoundError(f"{redact(uri)} does not exist ({failure})")
-        if kind == "unsupported":
-            raise NotImplementedError(f"the store cannot {what} {redact(uri)!r} this way: {failure}")
-        if kind == "denied":
-            raise UserError(
-                f"permission denied to {what} {redact(uri)!r}: check the artifact root and the credentials "
-                f"in the environment ({failure})"
-            )
-        if kind == "permanent":
-            raise StoreError(f"could not {what} {redact(uri)!r}: {failure}")
-        if attempt == attempts:
-            raise StoreError(
-                f"could not {what} {redact(uri)!r} after {attempts} attempts (the store kept failing): {failure}"
-            )
-        log.warning("%s %s failed (%s); retrying in %.1fs", what, redact(uri), failure, delay)
-        time.sleep(delay)
-        delay = min(delay * 4, 30.0)
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,18 +85,13 @@ def file_sha256(path: Path) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
-    return _retry("check", uri, lambda: fs.exists(path))
-
-
-def isdir(uri: str) -> bool:
-    fs, path = _fs(uri)
-    return _retry("check", uri, lambda: fs.isdir(path))
+    return with_retries("check", uri, lambda: fs.exists(path))
 
 
 def read_bytes(uri: str) -> bytes:
     """A whole (small) object in memory: manifests, markers, configs. Large files go through open_file/download."""
     fs, path = _fs(uri)
-    return _retry("read", uri, lambda: fs.cat_file(path))
+    return with_retries("read", uri, lambda: fs.cat_file(path))
 
 
 def read_text(uri: str) -> str:
@@ -453,15 +131,15 @@ def write_bytes(uri: str, data: bytes, create_only: bool = False) -> None:
         return
     if create_only:
         try:
-            _retry("write", uri, lambda: fs.pipe_file(path, data, mode="create"))
+            with_retries("write", uri, lambda: fs.pipe_file(path, data, mode="create"))
         except FileExistsError:
             if read_bytes(uri) != data:
                 raise
         except NotImplementedError as exc:  # an S3-compatible store without If-None-Match on PUT
             log.warning("%s; writing it without the create-only condition", exc)
-            _retry("write", uri, lambda: fs.pipe_file(path, data))
+            with_retries("write", uri, lambda: fs.pipe_file(path, data))
     else:
-        _retry("write", uri, lambda: fs.pipe_file(path, data))
+        with_retries("write", uri, lambda: fs.pipe_file(path, data))
     _written[uri] = digest
 
 
@@ -473,19 +151,19 @@ def remove(uri: str) -> None:
     """Remove a file or a whole folder; missing is fine."""
     _forget(uri)
     fs, path = _fs(uri)
-    if not _retry("check", uri, lambda: fs.exists(path)):
+    if not with_retries("check", uri, lambda: fs.exists(path)):
         return
     # FileNotFoundError: gone between the check and the delete (or a retried delete that had succeeded)
     with contextlib.suppress(FileNotFoundError):
-        _retry("remove", uri, lambda: fs.rm(path, recursive=True))
+        with_retries("remove", uri, lambda: fs.rm(path, recursive=True))
 
 
 def list_files(uri: str) -> list[str]:
     """Paths of all files under a folder, relative to it, sorted."""
     fs, path = _fs(uri)
-    if not _retry("list", uri, lambda: fs.exists(path)):
+    if not with_retries("list", uri, lambda: fs.exists(path)):
         return []
-    found = _retry("list", uri, lambda: fs.find(path))
+    found = with_retries("list", uri, lambda: fs.find(path))
     root = path.rstrip("/") + "/"
     return sorted(p[len(root) :] for p in found if p.startswith(root))
 
@@ -493,9 +171,9 @@ def list_files(uri: str) -> list[str]:
 def list_dirs(uri: str) -> list[str]:
     """Names of the immediate sub-folders of a folder, sorted."""
     fs, path = _fs(uri)
-    if not _retry("list", uri, lambda: fs.exists(path)):
+    if not with_retries("list", uri, lambda: fs.exists(path)):
         return []
-    entries = _retry("list", uri, lambda: fs.ls(path, detail=True))
+    entries = with_retries("list", uri, lambda: fs.ls(path, detail=True))
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 
 
@@ -503,11 +181,11 @@ def expand(uri: str) -> list[str]:
     """A file, every file under a folder, or every match of a glob; as full URIs, sorted."""
     fs, path = _fs(uri)
     if any(c in path for c in "*?["):
-        matches = _retry("list", uri, lambda: fs.glob(path))
-        files = [m for m in matches if not _retry("check", uri, lambda m=m: fs.isdir(m))]
-    elif _retry("check", uri, lambda: fs.isdir(path)):
-        files = _retry("list", uri, lambda: fs.find(path))
-    elif _retry("check", uri, lambda: fs.exists(path)):
+        matches = with_retries("list", uri, lambda: fs.glob(path))
+        files = [m for m in matches if not with_retries("check", uri, lambda m=m: fs.isdir(m))]
+    elif with_retries("check", uri, lambda: fs.isdir(path)):
+        files = with_retries("list", uri, lambda: fs.find(path))
+    elif with_retries("check", uri, lambda: fs.exists(path)):
         files = [path]
     else:
         raise FileNotFoundError(uri)
@@ -533,7 +211,7 @@ def _rebase(uri: str, path: str, found: str) -> str:
 def sha256(uri: str) -> str:
     """Content hash of one file, streamed in fixed-size range reads (never the whole file in memory)."""
     if is_local(uri):
-        return _retry("read", uri, lambda: file_sha256(local_path(uri)))
+        return with_retries("read", uri, lambda: file_sha256(local_path(uri)))
     if _written.get(uri):
         return _written[uri]  # type: ignore[return-value]
     fs, path = _fs(uri)
@@ -545,7 +223,7 @@ def sha256(uri: str) -> str:
                 h.update(chunk)
         return h.hexdigest()
 
-    return _retry("read", uri, digest)
+    return with_retries("read", uri, digest)
 
 
 def open_file(uri: str, mode: str = "rb") -> Any:
@@ -559,8 +237,8 @@ def open_file(uri: str, mode: str = "rb") -> Any:
     if "r" not in mode:
         return fs.open(path, mode)
     if is_local(uri):
-        return _retry("open", uri, lambda: fs.open(path, mode))
-    raw = _retry("open", uri, lambda: fs.open(path, "rb", block_size=CHUNK, cache_type="none"))
+        return with_retries("open", uri, lambda: fs.open(path, mode))
+    raw = with_retries("open", uri, lambda: fs.open(path, "rb", block_size=CHUNK, cache_type="none"))
     buffered = io.BufferedReader(raw, buffer_size=CHUNK)
     return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding="utf-8")
 
@@ -569,10 +247,10 @@ def download_file(uri: str, local_file: Path) -> None:
     """Stream one object to a local file (the client writes it to disk block by block)."""
     local_file.parent.mkdir(parents=True, exist_ok=True)
     if is_local(uri):
-        _retry("read", uri, lambda: shutil.copyfile(local_path(uri), local_file))
+        with_retries("read", uri, lambda: shutil.copyfile(local_path(uri), local_file))
         return
     fs, path = _fs(uri)
-    _retry("download", uri, lambda: fs.get_file(path, str(local_file)))
+    with_retries("download", uri, lambda: fs.get_file(path, str(local_file)))
 
 
 def copy_file(src_uri: str, dst_uri: str) -> None:
@@ -583,7 +261,7 @@ def copy_file(src_uri: str, dst_uri: str) -> None:
     src_fs, src = _fs(src_uri)
     dst_fs, dst = _fs(dst_uri)
     if src_fs is dst_fs:
-        _retry("copy", f"{src_uri} to {dst_uri}", lambda: dst_fs.copy(src, dst))
+        with_retries("copy", f"{src_uri} to {dst_uri}", lambda: dst_fs.copy(src, dst))
         _written[dst_uri] = _written.get(src_uri)
         return
     with tempfile.TemporaryDirectory(prefix="stage-copy-") as tmp:
@@ -611,7 +289,7 @@ def _upload(local_file: Path, uri: str) -> None:
         shutil.copyfile(local_file, target)
     else:
         fs, path = _fs(uri)
-        _retry("upload", uri, lambda: fs.put_file(str(local_file), path))
+        with_retries("upload", uri, lambda: fs.put_file(str(local_file), path))
     _written[uri] = digest
 
 
@@ -632,7 +310,7 @@ def local_copy(uri: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="stage-in-") as tmp:
         target = Path(tmp) / path.rstrip("/").rsplit("/", 1)[-1]
         if expected is None:
-            _retry("download", uri, lambda: fs.get(path, str(target), recursive=True))
+            with_retries("download", uri, lambda: fs.get(path, str(target), recursive=True))
         else:
             _download_committed(uri, target, expected)
         yield target
@@ -647,7 +325,7 @@ def _download_committed(uri: str, target: Path, expected: dict[str, str]) -> Non
         local = [target / rel for rel in expected]
     for file in local:
         file.parent.mkdir(parents=True, exist_ok=True)
-    _retry("download", uri, lambda: fs.get(remote, [str(p) for p in local]))
+    with_retries("download", uri, lambda: fs.get(remote, [str(p) for p in local]))
     for (rel, digest), file in zip(expected.items(), local, strict=True):
         if not file.is_file() or file_sha256(file) != digest:
             raise StoreError(
