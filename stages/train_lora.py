@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.core import checkpoints, models, store, uris
+from stages.core import checkpoints, downloads, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
@@ -105,7 +105,7 @@ class PreemptionNotice:
 def load_blocks(dataset_uri: str) -> np.ndarray:
     import datasets
 
-    with store.local_copy(uris.join(dataset_uri, "dataset")) as path:
+    with downloads.local_copy(uris.join(dataset_uri, "dataset")) as path:
         try:
             train = datasets.load_from_disk(str(path))["train"]
         except (FileNotFoundError, KeyError) as exc:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.core import store, uris
+from stages.core import downloads, store, uris
 from stages.core.errors import UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
@@ -36,7 +36,7 @@ def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
     config_uri = uris.join(uri, "config.json")
     if not store.exists(config_uri):
         raise UserError(f"{field}={name!r} is not a saved model: {config_uri} does not exist")
-    with store.local_copy(uri) as path:
+    with downloads.local_copy(uri) as path:
         yield str(path)
 
 
@@ -83,7 +83,7 @@ def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator
 
     An adapter trained on another base model is refused here, before any weights load.
     """
-    with store.local_copy(adapter_uri) as path:
+    with downloads.local_copy(adapter_uri) as path:
         folder = path / "adapter" if (path / "adapter" / "adapter_config.json").exists() else path
         if not (folder / "adapter_config.json").exists():
             raise UserError(

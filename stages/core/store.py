@@ -8,8 +8,9 @@ out of messages: :mod:`stages.core.uris`; which failures are retried, and how of
 Object stores have no atomic rename, so the commit protocol never relies on one: a stage writes its
 outputs, then ``manifest.json`` last as a single object. A single-object write is atomic on every
 store; on local disk it is a temp file plus ``os.replace``. The store remembers the hash of every
-object this process wrote, so the manifest lists a stage's outputs without trusting a fresh listing,
-and readers (``local_copy``) fetch exactly the files a manifest names and check their hashes.
+object this process wrote, so the manifest lists a stage's outputs without trusting a fresh listing.
+The store knows nothing of manifests: reading a committed output by its manifest, with each file
+checked against the committed hash, is :func:`stages.core.downloads.local_copy`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec
 
-from stages.core.errors import StoreError, UserError
+from stages.core.errors import UserError
 from stages.core.retries import client_options, tune_client_retries, with_retries
 from stages.core.uris import is_local, join, local_path
 
@@ -293,42 +292,25 @@ def _upload(local_file: Path, uri: str) -> None:
     _written[uri] = digest
 
 
-@contextmanager
-def local_copy(uri: str) -> Iterator[Path]:
-    """A local path holding the folder or file at ``uri``: the path itself on local disk, else a download.
+def download_tree(uri: str, target: Path) -> None:
+    """Fetch the file or folder at ``uri`` to ``target``, as a listing shows it."""
+    fs, path = _fs(uri)
+    with_retries("download", uri, lambda: fs.get(path, str(target), recursive=True))
 
-    Inside a committed stage output the files to fetch come from its manifest (no listing) and each
-    is checked against the manifest's hash; anything else is listed and fetched as it is.
+
+def download_named(uri: str, names: list[str], target: Path) -> list[Path]:
+    """Fetch the named files under the folder ``uri`` (paths relative to it) into ``target``, in one
+    batch and without a listing; ``[""]`` names ``uri`` itself, one file, fetched to ``target``.
+
+    Returns the local path of each name, in order.
     """
-    if is_local(uri):
-        yield local_path(uri)
-        return
-    from stages.core import manifest  # the commit protocol knows which files a committed output holds
-
     fs, path = _fs(uri)
-    expected = manifest.committed_files(uri)
-    with tempfile.TemporaryDirectory(prefix="stage-in-") as tmp:
-        target = Path(tmp) / path.rstrip("/").rsplit("/", 1)[-1]
-        if expected is None:
-            with_retries("download", uri, lambda: fs.get(path, str(target), recursive=True))
-        else:
-            _download_committed(uri, target, expected)
-        yield target
-
-
-def _download_committed(uri: str, target: Path, expected: dict[str, str]) -> None:
-    fs, path = _fs(uri)
-    if list(expected) == [""]:  # uri is one committed file
+    if names == [""]:
         remote, local = [path], [target]
     else:
-        remote = [f"{path.rstrip('/')}/{rel}" for rel in expected]
-        local = [target / rel for rel in expected]
+        remote = [f"{path.rstrip('/')}/{rel}" for rel in names]
+        local = [target / rel for rel in names]
     for file in local:
         file.parent.mkdir(parents=True, exist_ok=True)
     with_retries("download", uri, lambda: fs.get(remote, [str(p) for p in local]))
-    for (rel, digest), file in zip(expected.items(), local, strict=True):
-        if not file.is_file() or file_sha256(file) != digest:
-            raise StoreError(
-                f"{join(uri, rel) if rel else uri} does not match the hash its manifest committed: "
-                "the object was changed or removed after the commit"
-            )
+    return local

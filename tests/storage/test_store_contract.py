@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from stages.core import checkpoints, manifest, retries, store, uris
+from stages.core import checkpoints, downloads, manifest, retries, store, uris
 from stages.core.errors import StoreError, UserError
 
 pytestmark = pytest.mark.storage
@@ -258,14 +258,14 @@ def test_downloads_of_committed_outputs_follow_the_manifest_and_check_its_hashes
     fs, _ = store._fs(out)
     monkeypatch.setattr(type(fs), "find", no_listing)
     monkeypatch.setattr(type(fs), "ls", no_listing)
-    with store.local_copy(uris.join(out, "model")) as path:
+    with downloads.local_copy(uris.join(out, "model")) as path:
         assert sorted(p.name for p in path.iterdir()) == ["config.json", "weights.bin"]
     monkeypatch.undo()
 
     fs.pipe_file(fs._strip_protocol(uris.join(out, "model/weights.bin")), b"tampered")
     with (
         pytest.raises(StoreError, match="does not match the hash its manifest committed"),
-        store.local_copy(uris.join(out, "model")),
+        downloads.local_copy(uris.join(out, "model")),
     ):
         pass
 
