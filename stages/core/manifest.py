@@ -31,23 +31,24 @@ MANIFEST = "manifest.json"
 MAX_DEPTH_IN_OUTPUT = 3
 # Working state that lives beside the outputs but is not one of them.
 NOT_OUTPUTS = ("checkpoints/", ".")
+_CORE = Path(__file__).resolve().parent  # stages/core: the library every stage runs
+_PACKAGE = _CORE.parent  # stages/
 
 
 def code_version(stage_file: str) -> dict[str, str]:
-    """The package version plus a hash of the code a stage runs: its own module and the shared library.
+    """The package version plus a hash of the code a stage runs: the package's ``__init__``, the stage's
+    own module and every module of ``stages/core``.
 
-    Other stages' modules (files with a ``__main__`` block) are left out, so that changing one stage
-    does not invalidate every other stage's cache.
+    That is all a stage can run of ours, by construction: a stage imports the shared library and never
+    another stage (tests/test_layering.py), so changing one stage does not invalidate another's cache,
+    while a change to the library invalidates every stage's.
     """
-    h = hashlib.sha256()
     stage = Path(stage_file).resolve()
-    package = Path(__file__).parent.parent
-    for path in sorted(package.glob("*.py")) + sorted(Path(__file__).parent.glob("*.py")):
-        source = path.read_bytes()
-        if path.resolve() != stage and b'if __name__ == "__main__":' in source:
-            continue
-        h.update(path.relative_to(package).as_posix().encode())
-        h.update(source)
+    h = hashlib.sha256()
+    for path in [_PACKAGE / "__init__.py", stage, *sorted(_CORE.rglob("*.py"))]:
+        name = path.relative_to(_PACKAGE).as_posix() if path.is_relative_to(_PACKAGE) else path.name
+        h.update(name.encode())
+        h.update(path.read_bytes())
     version = {"package": __version__, "source_sha256": h.hexdigest()}
     if os.environ.get("STAGE_IMAGE"):
         version["image"] = os.environ["STAGE_IMAGE"]
