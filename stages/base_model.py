@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from stages import store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import store, uris
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.base_model")
 EOS = "<|endoftext|>"
@@ -46,7 +46,7 @@ class BaseModelConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.corpus_uri), "corpus_uri is required: the text files to pretrain on")
-        self.corpus_uri = store.normalize_uri(self.corpus_uri, "corpus_uri")
+        self.corpus_uri = uris.normalize_uri(self.corpus_uri, "corpus_uri")
         check(self.vocab_size >= 300, f"vocab_size={self.vocab_size} must be >= 300 (256 bytes + merges)")
         for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size", "seq_len"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
@@ -96,7 +96,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int):
 
 
 def build(config: BaseModelConfig, run: StageRun) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
     torch.manual_seed(config.seed)
     texts = read_corpus(config.corpus_uri)
@@ -130,10 +130,8 @@ def build(config: BaseModelConfig, run: StageRun) -> dict:
     params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", params / 1e6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    warmup = max(1, config.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps))))
-    )
+    # The scheduler train_lora uses: linear warmup over 5% of the steps (none under 20), then cosine decay.
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.steps // 20, num_training_steps=config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     loss = torch.tensor(float("nan"))

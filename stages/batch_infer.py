@@ -31,10 +31,10 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from stages import manifest, models, store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import manifest, models, store, uris
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.batch_infer")
 NO_ADAPTER = "none"
@@ -71,14 +71,14 @@ class BatchInferConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if store.is_uri(self.base_model):
-            self.base_model = store.normalize_uri(self.base_model, "base_model")
+        if uris.is_uri(self.base_model):
+            self.base_model = uris.normalize_uri(self.base_model, "base_model")
         if self.adapter_uri.strip().lower() == NO_ADAPTER:
             self.adapter_uri = NO_ADAPTER
         else:
             self.resolve_input("adapter_uri", "train_lora")
         check(bool(self.prompts_uri), "prompts_uri is required: a JSONL file of prompts")
-        self.prompts_uri = store.normalize_uri(self.prompts_uri, "prompts_uri")
+        self.prompts_uri = uris.normalize_uri(self.prompts_uri, "prompts_uri")
         check(bool(self.id_field), "id_field must not be empty")
         check(bool(self.prompt_field), "prompt_field must not be empty")
         check(1 <= self.num_shards <= 99_999, f"num_shards={self.num_shards} must be in [1, 99999]")
@@ -109,10 +109,10 @@ def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
 
 def inputs(config: BatchInferConfig) -> dict[str, str]:
     check_layout(config)
-    uris = {"base_model": config.base_model, "prompts_uri": config.prompts_uri}
+    input_uris = {"base_model": config.base_model, "prompts_uri": config.prompts_uri}
     if config.adapter_uri != NO_ADAPTER:
-        uris["adapter_uri"] = config.adapter_uri
-    return uris
+        input_uris["adapter_uri"] = config.adapter_uri
+    return input_uris
 
 
 def check_layout(config: BatchInferConfig) -> None:

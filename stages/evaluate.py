@@ -33,10 +33,10 @@ from typing import Any, Literal
 
 import torch
 
-from stages import models, store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import models, store, uris
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.evaluate")
 
@@ -76,8 +76,8 @@ class EvaluateConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if store.is_uri(self.base_model):
-            self.base_model = store.normalize_uri(self.base_model, "base_model")
+        if uris.is_uri(self.base_model):
+            self.base_model = uris.normalize_uri(self.base_model, "base_model")
         self.resolve_input("adapter_uri", "train_lora")
         self.resolve_input("dataset_uri", "tokenize")
         check(self.max_eval_docs >= 0, f"max_eval_docs={self.max_eval_docs} must be >= 0 (0 means all)")
@@ -246,7 +246,7 @@ def context_length(model_config: Any, tokenizer: Any) -> int:
 
 
 def read_documents(dataset_uri: str, max_docs: int) -> list[str]:
-    uri = store.join(dataset_uri, "validation_docs.jsonl")
+    uri = uris.join(dataset_uri, "validation_docs.jsonl")
     docs: list[str] = []
     try:
         with store.open_file(uri, "rb") as fh:

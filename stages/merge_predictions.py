@@ -18,10 +18,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from stages import manifest, store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import manifest, store, uris
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.merge_predictions")
 PREDICTIONS = "predictions.jsonl"
@@ -46,19 +46,19 @@ class MergePredictionsConfig(StageConfig):
 def shard_uris(config: MergePredictionsConfig) -> list[str]:
     if config.num_shards == 1:
         return [config.predictions_uri]
-    return [store.join(config.predictions_uri, shard_name(i, config.num_shards)) for i in range(config.num_shards)]
+    return [uris.join(config.predictions_uri, shard_name(i, config.num_shards)) for i in range(config.num_shards)]
 
 
 def inputs(config: MergePredictionsConfig) -> dict[str, str]:
     """Every shard, committed: a missing or half-written shard is an error, never a silently short file."""
-    uris = shard_uris(config)
-    missing = [uri for uri in uris if manifest.read(uri) is None]
+    shards = shard_uris(config)
+    missing = [uri for uri in shards if manifest.read(uri) is None]
     if missing:
         raise UserError(
-            f"{len(missing)} of {len(uris)} batch_infer shard(s) are not committed (no manifest.json), "
+            f"{len(missing)} of {len(shards)} batch_infer shard(s) are not committed (no manifest.json), "
             f"first: {missing[0]}; rerun those shards, or check num_shards={config.num_shards}"
         )
-    return {f"shard_{i:05d}": uri for i, uri in enumerate(uris)}
+    return {f"shard_{i:05d}": uri for i, uri in enumerate(shards)}
 
 
 def merge(config: MergePredictionsConfig, run: StageRun) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def merge(config: MergePredictionsConfig, run: StageRun) -> dict[str, Any]:
     with merged.open("wb") as out:
         for uri in shard_uris(config):
             count = 0
-            source = store.join(uri, PREDICTIONS)
+            source = uris.join(uri, PREDICTIONS)
             with store.open_file(source, "rb") as fh:
                 for number, raw in enumerate(fh, start=1):
                     if not raw.strip():

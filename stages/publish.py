@@ -24,10 +24,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from stages import manifest, store
-from stages.config import check, check_run_id, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import manifest, store, uris
+from stages.core.config import check, check_run_id, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.publish")
 NONE = "none"
@@ -56,10 +56,10 @@ class PublishConfig(StageConfig):
         if self.predictions_uri.strip().lower() == NONE:
             self.predictions_uri = NONE
         elif self.predictions_uri:
-            self.predictions_uri = store.normalize_uri(self.predictions_uri, "predictions_uri")
+            self.predictions_uri = uris.normalize_uri(self.predictions_uri, "predictions_uri")
 
     def output_uri(self, stage: str) -> str:
-        return store.join(self.artifact_root, "models", self.model_name, self.version)
+        return uris.join(self.artifact_root, "models", self.model_name, self.version)
 
 
 def _predictions(config: PublishConfig) -> str | None:
@@ -112,14 +112,14 @@ class Adapter:
 def read_adapter(config: PublishConfig) -> Adapter:
     """The adapter's files and its base model (from train_lora's config, else ``training_base.json``)."""
     trained = manifest.read(config.adapter_uri)
-    adapter_dir = store.join(config.adapter_uri, "adapter") if trained else config.adapter_uri
+    adapter_dir = uris.join(config.adapter_uri, "adapter") if trained else config.adapter_uri
     files = store.list_files(adapter_dir)
     if "adapter_config.json" not in files:
         raise UserError(f"adapter_uri={config.adapter_uri!r} holds no PEFT adapter (no adapter_config.json)")
     base_model = trained.get("config", {}).get("base_model") if trained else None
     if base_model is None:
         training_base = (
-            json.loads(store.read_text(store.join(adapter_dir, "training_base.json")))
+            json.loads(store.read_text(uris.join(adapter_dir, "training_base.json")))
             if "training_base.json" in files
             else {}
         )
@@ -157,9 +157,9 @@ def read_predictions(config: PublishConfig) -> tuple[str, dict[str, Any]] | None
 def copy_adapter(config: PublishConfig, run: StageRun, adapter: Adapter) -> None:
     """``adapter/``, and train_lora's ``train_log.jsonl`` when there is one."""
     for rel in adapter.files:
-        store.copy_file(store.join(adapter.uri, rel), run.output("adapter", rel))
+        store.copy_file(uris.join(adapter.uri, rel), run.output("adapter", rel))
     if adapter.trained:
-        train_log = store.join(config.adapter_uri, "train_log.jsonl")
+        train_log = uris.join(config.adapter_uri, "train_log.jsonl")
         if store.exists(train_log):
             store.copy_file(train_log, run.output("train_log.jsonl"))
 
@@ -168,7 +168,7 @@ def copy_evaluation(config: PublishConfig, run: StageRun) -> list[str]:
     """evaluate's report files that exist, under ``evaluation/``; returns their names."""
     copied = []
     for name in EVALUATION_FILES:
-        src = store.join(config.evaluation_uri, name)
+        src = uris.join(config.evaluation_uri, name)
         if store.exists(src):
             store.copy_file(src, run.output("evaluation", name))
             copied.append(name)
@@ -210,7 +210,7 @@ def build_lineage(
 def sanity_check(run: StageRun, adapter: Adapter) -> None:
     """The published adapter is byte-identical to what was trained."""
     for rel in adapter.files:
-        if store.sha256(run.output("adapter", rel)) != store.sha256(store.join(adapter.uri, rel)):
+        if store.sha256(run.output("adapter", rel)) != store.sha256(uris.join(adapter.uri, rel)):
             raise RuntimeError(f"published adapter file {rel} differs from its source")
 
 

@@ -31,10 +31,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from stages import models, store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import StageConfig, StageRun, run_stage
+from stages.core import models, store, uris
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.tokenize")
 
@@ -76,10 +76,10 @@ class TokenizeConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.input_uri), "input_uri is required: a JSONL, text or Parquet file, folder or glob URI")
-        self.input_uri = store.normalize_uri(self.input_uri, "input_uri")
+        self.input_uri = uris.normalize_uri(self.input_uri, "input_uri")
         check(bool(self.base_model), "base_model is required: the URI of a saved model folder or a hub model id")
-        if store.is_uri(self.base_model):
-            self.base_model = store.normalize_uri(self.base_model, "base_model")
+        if uris.is_uri(self.base_model):
+            self.base_model = uris.normalize_uri(self.base_model, "base_model")
         check(bool(self.text_field), "text_field must not be empty")
         check(self.min_chars >= 1, f"min_chars={self.min_chars} must be >= 1")
         check(self.max_chars >= self.min_chars, f"max_chars={self.max_chars} must be >= min_chars={self.min_chars}")

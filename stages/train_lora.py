@@ -27,10 +27,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages import checkpoints, models, store
-from stages.config import check, help_field
-from stages.errors import UserError
-from stages.runner import Preempted, StageConfig, StageRun, run_stage
+from stages.core import checkpoints, downloads, models, store, uris
+from stages.core.config import check, help_field
+from stages.core.errors import UserError
+from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.train_lora")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -65,8 +65,8 @@ class TrainLoraConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if store.is_uri(self.base_model):
-            self.base_model = store.normalize_uri(self.base_model, "base_model")
+        if uris.is_uri(self.base_model):
+            self.base_model = uris.normalize_uri(self.base_model, "base_model")
         self.resolve_input("dataset_uri", "tokenize")
         check(self.rank > 0, f"rank={self.rank} must be > 0")
         check(self.alpha > 0, f"alpha={self.alpha} must be > 0")
@@ -105,7 +105,7 @@ class PreemptionNotice:
 def load_blocks(dataset_uri: str) -> np.ndarray:
     import datasets
 
-    with store.local_copy(store.join(dataset_uri, "dataset")) as path:
+    with downloads.local_copy(uris.join(dataset_uri, "dataset")) as path:
         try:
             train = datasets.load_from_disk(str(path))["train"]
         except (FileNotFoundError, KeyError) as exc:

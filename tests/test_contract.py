@@ -9,10 +9,10 @@ from typing import Literal
 
 import pytest
 
-from stages import manifest, store
-from stages.config import check, help_field, load_config
-from stages.errors import ConfigError, UserError
-from stages.runner import StageConfig, run_stage
+from stages.core import manifest, store
+from stages.core.config import check, help_field, load_config
+from stages.core.errors import ConfigError, UserError
+from stages.core.runner import StageConfig, run_stage
 
 
 @dataclass(kw_only=True)

@@ -17,8 +17,8 @@ import pytest
 
 from genai_dags import params, planner, render_pods, settings
 from genai_dags.stage_specs import STAGES
-from stages.config import load_config
-from stages.runner import StageConfig
+from stages.core.config import load_config
+from stages.core.runner import StageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

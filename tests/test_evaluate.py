@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from stages import evaluate
-from stages.config import load_config
-from stages.errors import ConfigError
+from stages.core.config import load_config
+from stages.core.errors import ConfigError
 from tests.conftest import run_stage_cli
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def dataset_uri(finetune_run: dict) -> str:
 def adapted_model(finetune_run):
     from peft import PeftModel
 
-    from stages import models
+    from stages.core import models
 
     base_path = finetune_run["base_model"].removeprefix("file://")
     tokenizer = models.load_tokenizer(base_path)
@@ -372,7 +372,7 @@ def make_other_base_model(base_model: str, folder: Path) -> str:
     """A randomly initialised model with the same architecture and tokenizer: another base model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from stages import models
+    from stages.core import models
 
     base_path = base_model.removeprefix("file://")
     torch.manual_seed(1234)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import manifest, merge_predictions, publish
+from stages import merge_predictions, publish
+from stages.core import manifest
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import load_config
-from stages.runner import StageConfig
+from stages.core.config import load_config
+from stages.core.runner import StageConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples/configs").glob("*.yaml"))

@@ -15,9 +15,9 @@ import pytest
 
 from stages import tokenize as tokenize_stage
 from stages.base_model import EOS, train_tokenizer
-from stages.config import build_config
-from stages.errors import UserError
-from stages.models import load_tokenizer
+from stages.core.config import build_config
+from stages.core.errors import UserError
+from stages.core.models import load_tokenizer
 from stages.tokenize import TokenizeConfig, clean, file_format, split_documents
 from tests.conftest import run_stage_cli
 

@@ -31,8 +31,9 @@ def code_identity(settings: PipelineSettings) -> dict[str, str]:
     if settings.runtime == "kubernetes":
         return {name: settings.image_for(name) for name in STAGE_NAMES}
     h = hashlib.sha256()
-    for path in sorted((settings.local.workdir / "stages").glob("*.py")):
-        h.update(path.name.encode())
+    package = settings.local.workdir / "stages"
+    for path in sorted(package.rglob("*.py")):  # the stages and their shared library, stages/core/
+        h.update(path.relative_to(package).as_posix().encode())
         h.update(path.read_bytes())
     return {"stages_source_sha256": h.hexdigest()}
 

@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from stages import store
+from stages.core import store, uris
 
 STAGE, KILL_AT = sys.argv[1], int(sys.argv[2])
 RECORD = Path(os.environ["FAULT_RECORD"])
@@ -28,7 +28,7 @@ writes = 0
 
 def _die(uri: str, data: bytes, atomic: bool) -> None:
     torn = data[: len(data) // 2]
-    target = store.local_path(uri)
+    target = uris.local_path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     (target.with_name(f".{target.name}.tmp-killed") if atomic else target).write_bytes(torn)
     RECORD.write_text(json.dumps({"uri": uri, "atomic": atomic, "sha256": hashlib.sha256(torn).hexdigest()}))

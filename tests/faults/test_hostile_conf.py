@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from genai_dags import params, planner
-from stages.config import load_config
+from stages.core.config import load_config
 from tests.test_dags import BATCH_OK, FINETUNE_OK, local_dags, local_settings, resolved, validate_conf
 from tests.test_dags_contract import stage_config_class
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import checkpoints
+from stages.core import checkpoints
 from tests.conftest import run_stage_cli
 from tests.test_train_lora import TRAIN, complete_steps, reference_adapter, stage_dir, start, train_args
 

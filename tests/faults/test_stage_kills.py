@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import manifest
+from stages.core import manifest
 from tests.conftest import ROOT, run_stage_cli
 from tests.faults.conftest import lost_outputs, tree_hashes
 

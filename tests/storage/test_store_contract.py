@@ -16,8 +16,8 @@ import uuid
 
 import pytest
 
-from stages import checkpoints, manifest, store
-from stages.errors import UserError
+from stages.core import checkpoints, downloads, manifest, retries, store, uris
+from stages.core.errors import StoreError, UserError
 
 pytestmark = pytest.mark.storage
 
@@ -44,14 +44,14 @@ def mem() -> str:
 )
 def test_a_uri_that_carries_credentials_is_refused_without_echoing_them(uri):
     with pytest.raises(UserError, match="carries credentials") as exc:
-        store.normalize_uri(uri, "artifact_root")
+        uris.normalize_uri(uri, "artifact_root")
     for secret in ("wJalrXUtnFEMI", "c2lnbmF0dXJl", "=abc"):
         assert secret not in str(exc.value)
 
 
 def test_uris_that_name_an_account_are_fine():
     uri = "abfs://container@account.dfs.core.windows.net/genai"
-    assert store.normalize_uri(uri) == uri
+    assert uris.normalize_uri(uri) == uri
 
 
 def test_redact_hides_credential_variables_url_passwords_and_signatures(monkeypatch):
@@ -61,7 +61,7 @@ def test_redact_hides_credential_variables_url_passwords_and_signatures(monkeypa
         "failed with s3cr3t-value-123 at http://minio:pa55word@minio:9000/b and "
         "https://a.blob.core.windows.net/c?sv=1&sig=SIGNATURE123 key a2V5LWtleS1rZXk="
     )
-    clean = store.redact(text)
+    clean = uris.redact(text)
     for secret in ("s3cr3t-value-123", "pa55word", "SIGNATURE123", "a2V5LWtleS1rZXk="):
         assert secret not in clean
     assert "http://***@minio:9000/b" in clean
@@ -137,7 +137,7 @@ def _classifications():
     ("exc", "kind"), _classifications(), ids=lambda v: type(v).__name__ if not isinstance(v, str) else v
 )
 def test_library_errors_are_classified_as_the_libraries_raise_them(exc, kind):
-    assert store.classify(exc) == kind
+    assert retries.classify(exc) == kind
 
 
 def test_a_wrapped_transient_error_is_still_transient():
@@ -147,7 +147,7 @@ def test_a_wrapped_transient_error_is_still_transient():
         except ConnectionResetError as inner:
             raise RuntimeError("wrapped") from inner
     except RuntimeError as outer:
-        assert store.classify(outer) == "transient"
+        assert retries.classify(outer) == "transient"
 
 
 def test_transient_failures_are_retried_then_succeed(caplog):
@@ -159,7 +159,7 @@ def test_transient_failures_are_retried_then_succeed(caplog):
             raise ConnectionResetError("dropped")
         return "ok"
 
-    assert store._retry("read", "s3://bucket/key", flaky) == "ok"
+    assert retries.with_retries("read", "s3://bucket/key", flaky) == "ok"
     assert len(calls) == 3
     assert "read s3://bucket/key failed" in caplog.text
 
@@ -170,8 +170,8 @@ def test_a_store_that_keeps_failing_gives_a_clear_error_naming_the_uri_without_t
     def down():
         raise OSError(errno.EBUSY, "Service Unavailable (key planted-secret-value)")
 
-    with pytest.raises(store.StoreError) as exc:
-        store._retry("upload", "s3://bucket/runs/x/out.bin", down)
+    with pytest.raises(StoreError) as exc:
+        retries.with_retries("upload", "s3://bucket/runs/x/out.bin", down)
     message = str(exc.value)
     assert "could not upload 's3://bucket/runs/x/out.bin' after 3 attempts" in message
     assert "planted-secret-value" not in message
@@ -183,18 +183,18 @@ def test_permission_problems_are_the_users_and_bugs_keep_their_type():
         raise PermissionError("403 AccessDenied")
 
     with pytest.raises(UserError, match="permission denied to write 's3://bucket/x'"):
-        store._retry("write", "s3://bucket/x", denied)
+        retries.with_retries("write", "s3://bucket/x", denied)
 
     def bug():
         raise TypeError("not the store's fault")
 
     with pytest.raises(TypeError):
-        store._retry("write", "s3://bucket/x", bug)
+        retries.with_retries("write", "s3://bucket/x", bug)
 
 
 def test_create_only_write_refuses_a_different_object_and_accepts_the_same_one(tmp_path, mem):
     for root in (f"file://{tmp_path}", mem):
-        uri = store.join(root, "runs/r/s/manifest.json")
+        uri = uris.join(root, "runs/r/s/manifest.json")
         store.write_bytes(uri, b"first", create_only=True)
         store.write_bytes(uri, b"first", create_only=True)  # a retried write whose answer was lost
         with pytest.raises(FileExistsError):
@@ -215,15 +215,15 @@ def test_a_store_without_conditional_writes_still_gets_its_manifest(mem, monkeyp
         return plain_pipe(self, path, value, **kwargs)
 
     monkeypatch.setattr(type(fs), "pipe_file", pipe_file)
-    store.write_bytes(store.join(mem, "runs/r/s/manifest.json"), b"{}", create_only=True)
-    assert store.read_bytes(store.join(mem, "runs/r/s/manifest.json")) == b"{}"
+    store.write_bytes(uris.join(mem, "runs/r/s/manifest.json"), b"{}", create_only=True)
+    assert store.read_bytes(uris.join(mem, "runs/r/s/manifest.json")) == b"{}"
     assert "without the create-only condition" in caplog.text
 
 
 def test_manifest_lists_what_was_written_even_when_a_listing_lags(mem, monkeypatch):
-    out = store.join(mem, "runs/r/stage")
-    store.write_text(store.join(out, "a.txt"), "alpha")
-    store.write_text(store.join(out, "sub/b.txt"), "beta")
+    out = uris.join(mem, "runs/r/stage")
+    store.write_text(uris.join(out, "a.txt"), "alpha")
+    store.write_text(uris.join(out, "sub/b.txt"), "beta")
     monkeypatch.setattr(store, "list_files", lambda uri: [])  # a store whose listing has not caught up
     committed = manifest.commit(out, {"stage": "stage", "cache_key": "k"})
     assert committed["outputs"] == {
@@ -233,8 +233,8 @@ def test_manifest_lists_what_was_written_even_when_a_listing_lags(mem, monkeypat
 
 
 def test_a_second_commit_of_the_same_output_keeps_the_first(mem):
-    out = store.join(mem, "runs/r/stage")
-    store.write_text(store.join(out, "a.txt"), "alpha")
+    out = uris.join(mem, "runs/r/stage")
+    store.write_text(uris.join(out, "a.txt"), "alpha")
     first = manifest.commit(out, {"stage": "stage", "cache_key": "same"})
     assert manifest.commit(out, {"stage": "stage", "cache_key": "same"})["committed_at"] == first["committed_at"]
     with pytest.raises(UserError, match="committed by another attempt"):
@@ -242,15 +242,15 @@ def test_a_second_commit_of_the_same_output_keeps_the_first(mem):
 
 
 def test_downloads_of_committed_outputs_follow_the_manifest_and_check_its_hashes(mem, monkeypatch):
-    out = store.join(mem, "runs/r/stage")
-    store.write_text(store.join(out, "model/config.json"), "{}")
-    store.write_bytes(store.join(out, "model/weights.bin"), b"\0" * 1000)
+    out = uris.join(mem, "runs/r/stage")
+    store.write_text(uris.join(out, "model/config.json"), "{}")
+    store.write_bytes(uris.join(out, "model/weights.bin"), b"\0" * 1000)
     manifest.commit(out, {"stage": "stage", "cache_key": "k"})
-    assert manifest.committed_files(store.join(out, "model")) == {
+    assert manifest.committed_files(uris.join(out, "model")) == {
         "config.json": hashlib.sha256(b"{}").hexdigest(),
         "weights.bin": hashlib.sha256(b"\0" * 1000).hexdigest(),
     }
-    assert manifest.hash_input(store.join(out, "model"))["committed_by"] == "stage"
+    assert manifest.hash_input(uris.join(out, "model"))["committed_by"] == "stage"
 
     def no_listing(*args, **kwargs):
         raise AssertionError("a committed output was listed")
@@ -258,14 +258,14 @@ def test_downloads_of_committed_outputs_follow_the_manifest_and_check_its_hashes
     fs, _ = store._fs(out)
     monkeypatch.setattr(type(fs), "find", no_listing)
     monkeypatch.setattr(type(fs), "ls", no_listing)
-    with store.local_copy(store.join(out, "model")) as path:
+    with downloads.local_copy(uris.join(out, "model")) as path:
         assert sorted(p.name for p in path.iterdir()) == ["config.json", "weights.bin"]
     monkeypatch.undo()
 
-    fs.pipe_file(fs._strip_protocol(store.join(out, "model/weights.bin")), b"tampered")
+    fs.pipe_file(fs._strip_protocol(uris.join(out, "model/weights.bin")), b"tampered")
     with (
-        pytest.raises(store.StoreError, match="does not match the hash its manifest committed"),
-        store.local_copy(store.join(out, "model")),
+        pytest.raises(StoreError, match="does not match the hash its manifest committed"),
+        downloads.local_copy(uris.join(out, "model")),
     ):
         pass
 
@@ -275,13 +275,13 @@ def test_a_half_uploaded_checkpoint_is_never_used(mem, tmp_path):
     local.mkdir()
     (local / "adapter.safetensors").write_bytes(b"weights-1")
     (local / "state.json").write_text(json.dumps({"step": 1}))
-    root = store.join(mem, "runs/r/train_lora/checkpoints")
+    root = uris.join(mem, "runs/r/train_lora/checkpoints")
     checkpoints.save(local, root, 1, "fp")
     (local / "adapter.safetensors").write_bytes(b"weights-2")
     checkpoints.save(local, root, 2, "fp")
-    store.remove(store.join(root, "step-00000002", checkpoints.MARKER))  # died before the marker
+    store.remove(uris.join(root, "step-00000002", checkpoints.MARKER))  # died before the marker
     checkpoints.save(local, root, 3, "fp")
-    store.write_bytes(store.join(root, "step-00000003", "adapter.safetensors"), b"trunc")  # a corrupted object
+    store.write_bytes(uris.join(root, "step-00000003", "adapter.safetensors"), b"trunc")  # a corrupted object
     found = checkpoints.newest_complete(root, "fp", tmp_path / "resume")
     assert found is not None and found[0] == 1
     assert (found[1] / "adapter.safetensors").read_bytes() == b"weights-1"
@@ -289,7 +289,7 @@ def test_a_half_uploaded_checkpoint_is_never_used(mem, tmp_path):
 
 
 def test_object_store_files_offer_the_io_api_of_local_files(mem):
-    uri = store.join(mem, "data/lines.txt")
+    uri = uris.join(mem, "data/lines.txt")
     store.write_bytes(uri, b"".join(b"line %d\n" % i for i in range(1000)))
     with store.open_file(uri, "rb") as fh:
         first = fh.readlines(100)  # the size hint that fsspec's own files do not take
@@ -314,7 +314,7 @@ def test_expanded_uris_keep_the_spelling_of_the_uri_given(uri, path, found, expe
 
 
 def test_hashing_streams_instead_of_reading_whole_files(mem, monkeypatch):
-    uri = store.join(mem, "big.bin")
+    uri = uris.join(mem, "big.bin")
     data = b"x" * (3 * store.CHUNK + 5)
     fs, path = store._fs(uri)
     fs.pipe_file(path, data)  # written behind the store's back: no recorded hash to reuse

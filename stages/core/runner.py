@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages import manifest, store
-from stages.config import check_run_id, config_to_dict, describe, help_field, load_config
-from stages.errors import UserError
+from stages.core import manifest, store, uris
+from stages.core.config import check_run_id, config_to_dict, describe, help_field, load_config
+from stages.core.errors import StoreError, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143
@@ -49,11 +49,11 @@ class StageConfig:
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
-        self.artifact_root = store.normalize_uri(self.artifact_root, "artifact_root").rstrip("/")
+        self.artifact_root = uris.normalize_uri(self.artifact_root, "artifact_root").rstrip("/")
         check_run_id("run_id", self.run_id)
 
     def run_uri(self, *parts: str) -> str:
-        return store.join(self.artifact_root, "runs", self.run_id, *parts)
+        return uris.join(self.artifact_root, "runs", self.run_id, *parts)
 
     def output_uri(self, stage: str) -> str:
         """Where this stage commits its outputs (a stage with shards overrides it)."""
@@ -62,7 +62,7 @@ class StageConfig:
     def resolve_input(self, field: str, default_stage: str) -> None:
         """An empty input field means "the output of <default_stage> in this run"."""
         value = getattr(self, field)
-        setattr(self, field, store.normalize_uri(value, field) if value else self.run_uri(default_stage))
+        setattr(self, field, uris.normalize_uri(value, field) if value else self.run_uri(default_stage))
 
 
 @dataclass
@@ -78,7 +78,7 @@ class StageRun:
     remove_after_commit: list[str] = dataclasses.field(default_factory=list)
 
     def output(self, *parts: str) -> str:
-        return store.join(self.out_uri, *parts)
+        return uris.join(self.out_uri, *parts)
 
 
 def run_stage(
@@ -109,7 +109,7 @@ def run_stage(
     except Preempted as exc:
         log.warning("preempted: %s", exc)
         return EXIT_PREEMPTED
-    except store.StoreError as exc:  # the store kept failing: infrastructure, worth a retry, not a stack trace
+    except StoreError as exc:  # the store kept failing: infrastructure, worth a retry, not a stack trace
         log.error("%s", exc)
         print(f"error: {name}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -125,11 +125,11 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
     input_uris = inputs_fn(config)
     input_hashes = {}
     for field, uri in input_uris.items():
-        if not store.is_uri(uri):  # a hub model id: its name is its identity
+        if not uris.is_uri(uri):  # a hub model id: its name is its identity
             input_hashes[field] = {"id": uri, "sha256": uri}
             continue
         try:
-            input_hashes[field] = manifest.hash_input(store.normalize_uri(uri, field))
+            input_hashes[field] = manifest.hash_input(uris.normalize_uri(uri, field))
         except FileNotFoundError:
             raise UserError(f"{field}={uri!r} does not exist (or holds no files)") from None
     code = manifest.code_version(inspect.getsourcefile(work))
@@ -174,7 +174,7 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
             "timings": {"started_at": started, "seconds": round(time.time() - started, 3)},
         },
     )
-    log.info("committed %s in %.1fs", store.join(out_uri, manifest.MANIFEST), time.time() - started)
+    log.info("committed %s in %.1fs", uris.join(out_uri, manifest.MANIFEST), time.time() - started)
     for uri in run.remove_after_commit:
         store.remove(uri)
     _report(name, out_uri, committed, cache_hit=False)
@@ -182,7 +182,7 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
 
 
 def _check_writable(out_uri: str) -> None:
-    probe = store.join(out_uri, ".write-probe")
+    probe = uris.join(out_uri, ".write-probe")
     try:
         store.write_bytes(probe, b"")
         store.remove(probe)
@@ -200,9 +200,9 @@ def _clear_uncommitted(out_uri: str) -> None:
     committed = {rel.rsplit("/", 1)[0] + "/" for rel in files if rel.endswith("/" + manifest.MANIFEST)}
     for rel in files:
         if not rel.startswith(tuple(committed)):
-            store.remove(store.join(out_uri, rel))
-    if store.is_local(out_uri):  # object stores have no empty folders or temp files; local disk keeps them
-        root = store.local_path(out_uri)
+            store.remove(uris.join(out_uri, rel))
+    if uris.is_local(out_uri):  # object stores have no empty folders or temp files; local disk keeps them
+        root = uris.local_path(out_uri)
         for tmp in root.glob("**/.*.tmp-*"):  # an atomic write cut short (store.write_bytes)
             tmp.unlink(missing_ok=True)
         for folder in sorted(root.glob("**/"), reverse=True):
@@ -217,7 +217,7 @@ def _report(name: str, out_uri: str, committed: dict[str, Any], cache_hit: bool)
         "stage": name,
         "cache_hit": cache_hit,
         "output_uri": out_uri,
-        "manifest_uri": store.join(out_uri, manifest.MANIFEST),
+        "manifest_uri": uris.join(out_uri, manifest.MANIFEST),
         "metrics": committed.get("metrics", {}),
     }
     text = json.dumps(result, sort_keys=True)

@@ -20,7 +20,7 @@ import logging
 import re
 from pathlib import Path
 
-from stages import store
+from stages.core import store, uris
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
@@ -29,13 +29,13 @@ _NAME = re.compile(r"step-(\d{8})")
 
 def save(local_dir: Path, checkpoints_uri: str, step: int, fingerprint: str) -> str:
     """Upload a local checkpoint folder as ``step-<step>``; the completion marker goes last."""
-    uri = store.join(checkpoints_uri, f"step-{step:08d}")
+    uri = uris.join(checkpoints_uri, f"step-{step:08d}")
     _remove(uri)  # leftovers of an attempt that died mid-upload
     files = {p.name: store.file_sha256(p) for p in sorted(local_dir.iterdir()) if p.is_file()}
     for name in files:
-        store.upload_file(local_dir / name, store.join(uri, name))
+        store.upload_file(local_dir / name, uris.join(uri, name))
     marker = {"step": step, "fingerprint": fingerprint, "files": files}
-    store.write_text(store.join(uri, MARKER), json.dumps(marker, indent=2))
+    store.write_text(uris.join(uri, MARKER), json.dumps(marker, indent=2))
     return uri
 
 
@@ -45,9 +45,9 @@ def newest_complete(checkpoints_uri: str, fingerprint: str, download_to: Path) -
         (int(m.group(1)) for d in store.list_dirs(checkpoints_uri) if (m := _NAME.fullmatch(d))), reverse=True
     )
     for step in steps:
-        uri = store.join(checkpoints_uri, f"step-{step:08d}")
+        uri = uris.join(checkpoints_uri, f"step-{step:08d}")
         try:
-            marker = json.loads(store.read_text(store.join(uri, MARKER)))
+            marker = json.loads(store.read_text(uris.join(uri, MARKER)))
         except FileNotFoundError:
             log.warning("checkpoint %s has no %s (interrupted upload); skipping it", uri, MARKER)
             continue
@@ -69,7 +69,7 @@ def newest_complete(checkpoints_uri: str, fingerprint: str, download_to: Path) -
                 break
             local = target / name
             try:
-                store.download_file(store.join(uri, name), local)
+                store.download_file(uris.join(uri, name), local)
             except FileNotFoundError:
                 intact = False
                 break
@@ -86,10 +86,10 @@ def prune(checkpoints_uri: str, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints; delete older ones."""
     steps = sorted(int(m.group(1)) for d in store.list_dirs(checkpoints_uri) if (m := _NAME.fullmatch(d)))
     for step in steps[:-keep] if keep > 0 else steps:
-        _remove(store.join(checkpoints_uri, f"step-{step:08d}"))
+        _remove(uris.join(checkpoints_uri, f"step-{step:08d}"))
 
 
 def _remove(uri: str) -> None:
     """Delete one checkpoint, its marker first: a delete cut short never leaves a marker beside missing files."""
-    store.remove(store.join(uri, MARKER))
+    store.remove(uris.join(uri, MARKER))
     store.remove(uri)

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import __version__, store
-from stages.errors import UserError
+from stages import __version__
+from stages.core import store, uris
+from stages.core.errors import UserError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -30,22 +31,24 @@ MANIFEST = "manifest.json"
 MAX_DEPTH_IN_OUTPUT = 3
 # Working state that lives beside the outputs but is not one of them.
 NOT_OUTPUTS = ("checkpoints/", ".")
+_CORE = Path(__file__).resolve().parent  # stages/core: the library every stage runs
+_PACKAGE = _CORE.parent  # stages/
 
 
 def code_version(stage_file: str) -> dict[str, str]:
-    """The package version plus a hash of the code a stage runs: its own module and the shared library.
+    """The package version plus a hash of the code a stage runs: the package's ``__init__``, the stage's
+    own module and every module of ``stages/core``.
 
-    Other stages' modules (files with a ``__main__`` block) are left out, so that changing one stage
-    does not invalidate every other stage's cache.
+    That is all a stage can run of ours, by construction: a stage imports the shared library and never
+    another stage (tests/test_layering.py), so changing one stage does not invalidate another's cache,
+    while a change to the library invalidates every stage's.
     """
-    h = hashlib.sha256()
     stage = Path(stage_file).resolve()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        source = path.read_bytes()
-        if path.resolve() != stage and b'if __name__ == "__main__":' in source:
-            continue
-        h.update(path.name.encode())
-        h.update(source)
+    h = hashlib.sha256()
+    for path in [_PACKAGE / "__init__.py", stage, *sorted(_CORE.rglob("*.py"))]:
+        name = path.relative_to(_PACKAGE).as_posix() if path.is_relative_to(_PACKAGE) else path.name
+        h.update(name.encode())
+        h.update(path.read_bytes())
     version = {"package": __version__, "source_sha256": h.hexdigest()}
     if os.environ.get("STAGE_IMAGE"):
         version["image"] = os.environ["STAGE_IMAGE"]
@@ -127,7 +130,7 @@ def cache_key(stage: str, config: dict[str, Any], inputs: dict[str, Any], code: 
 
 def read(out_uri: str) -> dict[str, Any] | None:
     """The committed manifest of a stage output, or None when it is not committed."""
-    uri = store.join(out_uri, MANIFEST)
+    uri = uris.join(out_uri, MANIFEST)
     try:
         manifest = json.loads(store.read_text(uri))
     except (FileNotFoundError, NotADirectoryError):
@@ -156,7 +159,7 @@ def commit(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
     listed = set(output_files(out_uri))
     outputs = {}
     for rel in sorted(listed | set(written)):
-        uri = store.join(out_uri, rel)
+        uri = uris.join(out_uri, rel)
         digest = written.get(rel)
         try:
             if digest is None:
@@ -174,7 +177,7 @@ def commit(out_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
     }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     try:
-        store.write_text(store.join(out_uri, MANIFEST), text, create_only=True)
+        store.write_text(uris.join(out_uri, MANIFEST), text, create_only=True)
     except FileExistsError:
         existing = read(out_uri)
         if existing is not None and existing.get("cache_key") == manifest.get("cache_key"):

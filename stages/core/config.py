@@ -2,7 +2,7 @@
 
 Every stage declares one dataclass. Each field has a default and help text
 (``field(metadata={"help": ...})``); ``__post_init__`` validates ranges and raises
-:class:`~stages.errors.ConfigError` naming the field and the value. Unknown keys are errors.
+:class:`~stages.core.errors.ConfigError` naming the field and the value. Unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from stages import store
-from stages.errors import ConfigError
+from stages.core import store, uris
+from stages.core.errors import ConfigError
 
 C = TypeVar("C")
 
@@ -129,20 +129,20 @@ def coerce(tp: Any, value: Any, name: str) -> Any:
 
 
 def _read_yaml(uri: str) -> dict[str, Any]:
-    uri = store.normalize_uri(uri, "--config")  # allowed schemes only, no credentials in the URI
+    uri = uris.normalize_uri(uri, "--config")  # allowed schemes only, no credentials in the URI
     try:
         data = yaml.safe_load(store.read_text(uri))
     except FileNotFoundError:
-        raise ConfigError(f"config file {store.redact(uri)!r} does not exist") from None
+        raise ConfigError(f"config file {uris.redact(uri)!r} does not exist") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {store.redact(uri)!r} is not UTF-8 text") from None
+        raise ConfigError(f"config file {uris.redact(uri)!r} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {store.redact(uri)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {uris.redact(uri)!r} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         kind = type(data).__name__
-        raise ConfigError(f"config file {store.redact(uri)!r} must hold a mapping of key: value, not {kind}")
+        raise ConfigError(f"config file {uris.redact(uri)!r} must hold a mapping of key: value, not {kind}")
     return data
 
 

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages import store
-from stages.errors import UserError
+from stages.core import downloads, store, uris
+from stages.core.errors import UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
     import torch
@@ -29,14 +29,14 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 @contextmanager
 def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
     """A local folder (or a hub id) that ``from_pretrained`` accepts, for a URI or a hub id."""
-    if not store.is_uri(name):
+    if not uris.is_uri(name):
         yield name
         return
-    uri = store.normalize_uri(name, field)
-    config_uri = store.join(uri, "config.json")
+    uri = uris.normalize_uri(name, field)
+    config_uri = uris.join(uri, "config.json")
     if not store.exists(config_uri):
         raise UserError(f"{field}={name!r} is not a saved model: {config_uri} does not exist")
-    with store.local_copy(uri) as path:
+    with downloads.local_copy(uri) as path:
         yield str(path)
 
 
@@ -83,7 +83,7 @@ def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator
 
     An adapter trained on another base model is refused here, before any weights load.
     """
-    with store.local_copy(adapter_uri) as path:
+    with downloads.local_copy(adapter_uri) as path:
         folder = path / "adapter" if (path / "adapter" / "adapter_config.json").exists() else path
         if not (folder / "adapter_config.json").exists():
             raise UserError(
