@@ -14,7 +14,8 @@ LoRA fine-tuning of a base model on your text, gated by evaluation, then batch i
   `<artifact_root>/models/<model_name>/<version>/` and updates the `genai_models` asset.
 
 Each stage is `python -m stages.<name> key=value ...` on the configured runtime (a local subprocess,
-or a Kubernetes pod on the stage's node pool); the platform config is described in `dags/README.md`.
+a Kubernetes pod on the stage's node pool, or a local container); the platform config is described in
+`dags/README.md`.
 
 Trigger it with a conf such as `examples/finetune-demo.json`:
 

@@ -421,6 +421,15 @@ def test_the_json_schema_of_the_settings_model_accepts_every_shipped_config_and_
         jsonschema.validate({"artifact_roots": "/x"}, schema)
 
 
+def test_the_readme_vocabulary_table_names_each_stages_image_and_conf_group_as_the_stage_table_does():
+    readme = (ROOT / "README.md").read_text()
+    rows = readme.split("<!-- stage vocabulary:")[1].split("\n\n")[0].splitlines()[3:]
+    table = {
+        cells[0]: (cells[1], cells[2]) for cells in ([c.strip(" `") for c in r.strip("|").split("|")] for r in rows)
+    }
+    assert table == {name: (spec.image, spec.conf_group or "-") for name, spec in STAGES.items()}
+
+
 BAD_CONFIGS = [
     (
         "unknown-key",

@@ -1,6 +1,6 @@
 """One description per stage: the command, the node pool, the resources and the time limit.
 
-Every runtime (local subprocess, Kubernetes pod) is built from this table, so what a stage needs
+Every runtime (local subprocess, Kubernetes pod, local container) is built from this table, so what a stage needs
 is written once, next to its name. The contract between a task and its stage is the command line
 ``python -m stages.<name> key=value ...``: DAG code never imports ``stages`` (torch must not load in
 the scheduler); ``tests/test_dags_contract.py`` proves the two agree.
