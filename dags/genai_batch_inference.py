@@ -46,8 +46,8 @@ def genai_batch_inference() -> None:
             lineage = planner.read_published(SETTINGS, conf["model_name"], conf["version"])
             prompts = planner.resolve_uri(conf["prompts_uri"], SETTINGS)
             records = planner.count_records(prompts)
-            identity = {**planner.code_identity(SETTINGS), **planner.input_fingerprint({"prompts_uri": prompts})}
-            result = planner.batch_plan(conf, SETTINGS, identity, lineage, records)
+            inputs = planner.input_fingerprint({"prompts_uri": prompts})
+            result = planner.batch_plan(conf, SETTINGS, inputs, lineage, records)
         except (params.ConfError, planner.PlanError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info(

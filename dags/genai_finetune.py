@@ -6,8 +6,9 @@ LoRA fine-tuning of a base model on your text, gated by evaluation, then batch i
     plan -> tokenize -> train_lora -> evaluate -> quality_gate -> batch_infer -> publish
 
 - **plan** checks the whole run conf (unknown keys included) and fixes the stage run id: the conf's
-  `run_id`, or a hash of the conf and the stage code, so triggering the same conf again reuses every
-  stage's committed output (cache hits) instead of recomputing it.
+  `run_id`, or a hash of the conf and a listing of its input files, so triggering the same conf again
+  reuses every stage's committed output (cache hits); after a code change only the stages whose code or
+  inputs changed recompute.
 - **quality_gate** reads evaluate's `metrics.quality_gate` and stops the run before inference and
   publication when it failed; the reason is in its log and in the failure notification.
 - **publish** copies the adapter, the evaluation and a `lineage.json` to
@@ -52,11 +53,8 @@ def genai_finetune() -> None:
         try:
             params.check_conf(dict(context["dag_run"].conf or {}), PARAMS)
             conf = dict(context["params"])
-            identity = {
-                **planner.code_identity(SETTINGS),
-                **planner.input_fingerprint(planner.finetune_inputs(conf, SETTINGS)),
-            }
-            result = planner.finetune_plan(conf, SETTINGS, identity)
+            inputs = planner.input_fingerprint(planner.finetune_inputs(conf, SETTINGS))
+            result = planner.finetune_plan(conf, SETTINGS, inputs)
         except (params.ConfError, planner.PlanError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info(

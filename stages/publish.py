@@ -45,6 +45,8 @@ class PublishConfig(StageConfig):
     )
     require_gate: bool = help_field(True, "Refuse to publish when evaluate's quality gate did not pass.")
 
+    IMMUTABLE_OUTPUT = True  # a published version never changes; republishing the same content is a no-op
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check(bool(self.model_name), "model_name is required: the name to publish the model under")

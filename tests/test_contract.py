@@ -115,13 +115,40 @@ def test_second_run_is_a_cache_hit_that_touches_nothing(tmp_path, source, capsys
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
-def test_changed_input_with_same_run_id_is_refused_not_overwritten(tmp_path, source, capsys):
+def test_changed_input_with_same_run_id_recomputes_the_stale_output(tmp_path, source, capsys):
     args = (f"artifact_root={tmp_path}/art", f"source={source}")
     assert run_echo(*args) == 0
     source.write_text("changed")
-    assert run_echo(*args) == 2
-    assert "already committed for different inputs" in capsys.readouterr().err
-    assert (tmp_path / "art/runs/dev/echo/copy-0.txt").read_text() == "hello"
+    capsys.readouterr()
+    assert run_echo(*args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cache_hit"] is False
+    assert (tmp_path / "art/runs/dev/echo/copy-0.txt").read_text() == "changed"
+    assert (
+        manifest.read(f"file://{tmp_path}/art/runs/dev/echo")["inputs"]["source"]["sha256"]
+        == manifest.hash_input(f"file://{source}")["sha256"]
+    )
+
+
+def test_changed_code_with_same_run_id_recomputes(tmp_path, source, capsys, monkeypatch):
+    args = (f"artifact_root={tmp_path}/art", f"source={source}")
+    assert run_echo(*args) == 0
+    monkeypatch.setattr(manifest, "code_version", lambda stage_file: {"source_sha256": "edited"})
+    capsys.readouterr()
+    assert run_echo(*args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cache_hit"] is False
+    assert manifest.read(f"file://{tmp_path}/art/runs/dev/echo")["code"] == {"source_sha256": "edited"}
+    assert run_echo(*args) == 0  # and the recomputed output is a cache hit for that code
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cache_hit"] is True
+
+
+def test_other_settings_under_the_same_run_id_are_refused_not_overwritten(tmp_path, source, capsys):
+    args = (f"artifact_root={tmp_path}/art", f"source={source}")
+    assert run_echo(*args) == 0
+    before = (tmp_path / "art/runs/dev/echo/manifest.json").read_bytes()
+    assert run_echo(*args, "repeat=3") == 2
+    assert "already committed for other settings (repeat: 1 -> 3); use a new run_id" in capsys.readouterr().err
+    assert (tmp_path / "art/runs/dev/echo/manifest.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "art/runs/dev/echo").iterdir()) == ["copy-0.txt", "manifest.json"]
 
 
 @pytest.mark.parametrize(("fail_with", "code"), [("user", 2), ("crash", None)])

@@ -260,15 +260,15 @@ def resolved(conf: dict, dag_params) -> dict:
 def test_the_same_conf_gets_the_same_run_id_and_a_changed_conf_a_new_one(local_dags):
     s = local_settings()
     p = local_dags["genai_finetune"].params
-    code = planner.code_identity(s)
-    first = planner.finetune_plan(resolved(FINETUNE_OK, p), s, code)
-    again = planner.finetune_plan(resolved(dict(reversed(FINETUNE_OK.items())), p), s, code)
-    changed = planner.finetune_plan(resolved({**FINETUNE_OK, "train": {"rank": 4}}, p), s, code)
-    new_code = planner.finetune_plan(resolved(FINETUNE_OK, p), s, {"stages_source_sha256": "0" * 64})
-    explicit = planner.finetune_plan(resolved({**FINETUNE_OK, "run_id": "exp-7"}, p), s, code)
+    inputs = {"train_data_uri": "0" * 64}
+    first = planner.finetune_plan(resolved(FINETUNE_OK, p), s, inputs)
+    again = planner.finetune_plan(resolved(dict(reversed(FINETUNE_OK.items())), p), s, inputs)
+    changed = planner.finetune_plan(resolved({**FINETUNE_OK, "train": {"rank": 4}}, p), s, inputs)
+    new_data = planner.finetune_plan(resolved(FINETUNE_OK, p), s, {"train_data_uri": "1" * 64})
+    explicit = planner.finetune_plan(resolved({**FINETUNE_OK, "run_id": "exp-7"}, p), s, inputs)
     assert first["run_id"] == again["run_id"]
     assert first["run_id"].startswith("ft-")
-    assert len({first["run_id"], changed["run_id"], new_code["run_id"]}) == 3
+    assert len({first["run_id"], changed["run_id"], new_data["run_id"]}) == 3
     assert explicit["run_id"] == "exp-7"
     assert explicit["version"] == "exp-7" and first["version"] == first["run_id"]
 
@@ -282,8 +282,8 @@ def test_changed_input_files_make_a_new_run_id_and_unchanged_ones_the_same(local
     params_ = local_dags["genai_finetune"].params
 
     def run_id() -> str:
-        identity = {**planner.code_identity(s), **planner.input_fingerprint(planner.finetune_inputs(conf, s))}
-        return planner.finetune_plan(resolved(conf, params_), s, identity)["run_id"]
+        inputs = planner.input_fingerprint(planner.finetune_inputs(conf, s))
+        return planner.finetune_plan(resolved(conf, params_), s, inputs)["run_id"]
 
     first = run_id()
     assert run_id() == first
@@ -300,7 +300,7 @@ def test_plan_resolves_catalog_names_and_plain_paths_and_passes_only_allowed_set
         "train": {"rank": 4, "target_modules": ["q_proj", "v_proj"]},
         "inference": {"do_sample": True},
     }
-    plan = planner.finetune_plan(resolved(conf, local_dags["genai_finetune"].params), s, planner.code_identity(s))
+    plan = planner.finetune_plan(resolved(conf, local_dags["genai_finetune"].params), s, {})
     assert f"base_model={s.base_models['tiny-shakespeare']}" in plan["train_lora"]
     assert f"input_uri=file://{ROOT}/data/folio" in plan["tokenize"]
     assert "rank=4" in plan["train_lora"] and "target_modules=q_proj,v_proj" in plan["train_lora"]

@@ -97,7 +97,17 @@ def test_publishing_the_same_content_again_is_a_cache_hit_and_a_version_is_immut
     commit(run_root / "runs/r1/train_lora", {"adapter/adapter_model.safetensors": "other weights"}, record)
     code, _ = run_publish(run_root, "version=v1")
     assert code == 2
-    assert "already committed for different inputs" in capsys.readouterr().err
+    assert "already committed for other inputs (adapter_uri); it is immutable" in capsys.readouterr().err
+
+
+def test_newer_publish_code_republishing_the_same_content_keeps_the_version(run_root, capsys, monkeypatch):
+    assert run_publish(run_root, "version=v1")[0] == 0
+    before = (run_root / "models/folio/v1/manifest.json").read_bytes()
+    monkeypatch.setattr(manifest, "code_version", lambda stage_file: {"source_sha256": "edited"})
+    capsys.readouterr()
+    assert run_publish(run_root, "version=v1")[0] == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cache_hit"] is True
+    assert (run_root / "models/folio/v1/manifest.json").read_bytes() == before
 
 
 def test_publish_refuses_an_adapter_whose_quality_gate_failed(run_root, capsys):

@@ -15,27 +15,11 @@ from typing import Any
 
 from genai_dags.params import TUNABLES
 from genai_dags.settings import PipelineSettings
-from genai_dags.stage_specs import STAGE_NAMES, STAGES
+from genai_dags.stage_specs import STAGES
 
 
 class PlanError(ValueError):
     """The run cannot start (a name that does not resolve, a model that is not published): the user's to fix."""
-
-
-def code_identity(settings: PipelineSettings) -> dict[str, str]:
-    """What identifies the stage code: the images (kubernetes) or a hash of the local ``stages`` sources.
-
-    It goes into the default run id, so that new code gets a new run instead of colliding with
-    outputs committed by the old code under the same run id. Files are hashed, never imported.
-    """
-    if settings.runtime == "kubernetes":
-        return {name: settings.image_for(name) for name in STAGE_NAMES}
-    h = hashlib.sha256()
-    package = settings.local.workdir / "stages"
-    for path in sorted(package.rglob("*.py")):  # the stages and their shared library, stages/core/
-        h.update(path.relative_to(package).as_posix().encode())
-        h.update(path.read_bytes())
-    return {"stages_source_sha256": h.hexdigest()}
 
 
 STAMP_KEYS = ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified", "updated")
@@ -61,8 +45,9 @@ def input_files(uri: str) -> tuple[Any, dict[str, dict[str, Any]]] | None:
 def input_fingerprint(uris: dict[str, str]) -> dict[str, str]:
     """A cheap identity of each input: its files' names, sizes and change stamps (a listing, no content read).
 
-    It goes into the default run id: the same conf over changed data is a new run, instead of a run
-    whose stages refuse to overwrite outputs committed for the old data.
+    It is the default run id's second half (with the conf): the same conf over changed data is a new
+    run, and the same conf over the same data is the same run whatever the code, so that each stage's
+    own cache key (which holds its code version) decides what reruns after a code change.
     """
     out = {}
     for field, uri in sorted(uris.items()):
@@ -81,10 +66,11 @@ def input_fingerprint(uris: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def stable_run_id(prefix: str, params: dict[str, Any], identity: dict[str, Any]) -> str:
-    """Same conf + same code + same input files -> same run id -> every stage is a cache hit on a re-run."""
+def stable_run_id(prefix: str, params: dict[str, Any], inputs: dict[str, str]) -> str:
+    """Same conf + same input files -> same run id. Triggered again, every stage is a cache hit; after a code
+    change, only the stages whose code (or inputs) changed recompute, each deciding by its own cache key."""
     conf = {k: v for k, v in params.items() if k != "run_id"}
-    digest = hashlib.sha256(json.dumps({"conf": conf, "identity": identity}, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps({"conf": conf, "inputs": inputs}, sort_keys=True).encode()).hexdigest()
     return f"{prefix}-{digest[:16]}"
 
 
@@ -130,13 +116,13 @@ def tunable_args(stage: str, params: dict[str, Any]) -> list[str]:
     return [_arg(k, v) for k, v in sorted(values.items())]
 
 
-def finetune_plan(params: dict[str, Any], settings: PipelineSettings, identity: dict[str, Any]) -> dict[str, Any]:
+def finetune_plan(params: dict[str, Any], settings: PipelineSettings, inputs: dict[str, str]) -> dict[str, Any]:
     """The stage run id, the published name/version, and every stage's arguments.
 
-    ``identity`` is what else makes a run what it is besides its conf: the stage code and a
-    fingerprint of the input files (see :func:`code_identity` and :func:`input_fingerprint`).
+    ``inputs`` is what else makes a run what it is besides its conf: the fingerprint of its input files
+    (:func:`input_fingerprint`).
     """
-    run_id = params.get("run_id") or stable_run_id("ft", params, identity)
+    run_id = params.get("run_id") or stable_run_id("ft", params, inputs)
     version = params.get("version") or run_id
     base_model = resolve_base_model(params["base_model"], settings)
     common = [f"artifact_root={settings.artifact_root}", f"run_id={run_id}"]
@@ -205,9 +191,9 @@ def count_records(uri: str) -> int:
 
 
 def batch_plan(
-    params: dict[str, Any], settings: PipelineSettings, code: dict[str, str], lineage: dict[str, Any], records: int
+    params: dict[str, Any], settings: PipelineSettings, inputs: dict[str, str], lineage: dict[str, Any], records: int
 ) -> dict[str, Any]:
-    run_id = params.get("run_id") or stable_run_id("bi", params, code)
+    run_id = params.get("run_id") or stable_run_id("bi", params, inputs)
     shards = shard_count(records, params["records_per_shard"], params["max_shards"])
     model_uri = published_uri(settings, params["model_name"], params["version"])
     common = [f"artifact_root={settings.artifact_root}", f"run_id={run_id}"]

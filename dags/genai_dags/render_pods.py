@@ -81,11 +81,11 @@ def example_conf(name: str) -> dict[str, Any]:
 def plan_arguments(dag_id: str, settings: PipelineSettings, conf: dict[str, Any], params: Any) -> dict[str, Any]:
     """What the DAG's plan task returns for ``conf`` (the published model is faked for batch inference)."""
     resolved = {**{k: p.value for k, p in params.items()}, **conf}
-    code = planner.code_identity(settings)
+    inputs = {"render": "example"}  # no files are listed: the run id only has to be stable
     if dag_id == "genai_finetune":
-        return planner.finetune_plan(resolved, settings, code)
+        return planner.finetune_plan(resolved, settings, inputs)
     lineage = {"base_model": settings.base_models.get("tiny-shakespeare", f"{settings.artifact_root}/base")}
-    return planner.batch_plan(resolved, settings, code, lineage, records=resolved["records_per_shard"] * 3)
+    return planner.batch_plan(resolved, settings, inputs, lineage, records=resolved["records_per_shard"] * 3)
 
 
 def stage_tasks(dag: Any, settings: PipelineSettings, conf: dict[str, Any]) -> Iterator[tuple[str, Any]]:

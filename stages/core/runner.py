@@ -47,6 +47,9 @@ class StageConfig:
 
     # Fields that change how a stage runs but not what it produces: left out of the cache key.
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset()
+    # An output that others hold on to (a published model version) is never replaced: the same inputs and
+    # config committed by other code is kept as it is (a cache hit), anything else under its name refused.
+    IMMUTABLE_OUTPUT: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.artifact_root = uris.normalize_uri(self.artifact_root, "artifact_root").rstrip("/")
@@ -138,15 +141,12 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
 
     existing = manifest.read(out_uri)
     if existing is not None:
-        if existing.get("cache_key") == key:
-            log.info("cache hit: %s is committed for the same inputs, config and code; nothing to do", out_uri)
+        if _up_to_date(existing, key, keyed, input_hashes, config_cls.IMMUTABLE_OUTPUT, out_uri):
             _report(name, out_uri, existing, cache_hit=True)
             return 0
-        raise UserError(
-            f"{out_uri} is already committed for different inputs, config or code "
-            f"(cache key {existing.get('cache_key', '?')[:12]} != {key[:12]}); use a new run_id, "
-            f"or delete {out_uri} to recompute"
-        )
+        # The same settings over changed inputs or code: the committed output is stale. Uncommit it
+        # (manifest first: a cut-short removal leaves only uncommitted files, cleared just below).
+        store.remove(uris.join(out_uri, manifest.MANIFEST))
 
     _check_writable(out_uri)
     _clear_uncommitted(out_uri)
@@ -179,6 +179,41 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
         store.remove(uri)
     _report(name, out_uri, committed, cache_hit=False)
     return 0
+
+
+def _up_to_date(
+    existing: dict[str, Any], key: str, keyed: dict[str, Any], inputs: dict[str, Any], immutable: bool, out_uri: str
+) -> bool:
+    """Whether the committed output serves this run as it is; raises when it belongs to other settings.
+
+    Same cache key: a cache hit. Same settings over other inputs or code: stale, so False (recompute: a
+    run triggered again after an upstream stage or this stage's code changed). Other settings under the
+    same run id: refused, since that is another run, which must not overwrite this one. An immutable
+    output is never recomputed: the same inputs and settings committed by other code are kept.
+    """
+    if existing.get("cache_key") == key:
+        log.info("cache hit: %s is committed for the same inputs, config and code; nothing to do", out_uri)
+        return True
+    keyed, inputs = json.loads(json.dumps(keyed)), json.loads(json.dumps(inputs))  # as the manifest holds them
+    committed = existing.get("config") or {}
+    # A setting the committed run did not have is new code with its default, not another run's choice.
+    changed = sorted(k for k in keyed.keys() & committed.keys() if committed[k] != keyed[k])
+    immutable_hint = "it is immutable: publish under a new name or version" if immutable else "use a new run_id"
+    if changed:
+        settings = ", ".join(f"{k}: {committed[k]!r} -> {keyed[k]!r}" for k in changed)
+        raise UserError(f"{out_uri} is already committed for other settings ({settings}); {immutable_hint}")
+    stale = sorted(f for f in inputs if (existing.get("inputs") or {}).get(f) != inputs[f])
+    if immutable and stale:
+        raise UserError(f"{out_uri} is already committed for other inputs ({', '.join(stale)}); {immutable_hint}")
+    if immutable:
+        log.info("%s is committed for the same inputs and settings by other code; it is immutable: kept", out_uri)
+        return True
+    log.warning(
+        "recomputing %s: it was committed for %s",
+        out_uri,
+        f"other inputs ({', '.join(stale)})" if stale else "other code (the same inputs and settings)",
+    )
+    return False
 
 
 def _check_writable(out_uri: str) -> None:

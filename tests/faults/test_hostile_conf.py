@@ -109,6 +109,6 @@ def test_a_conf_that_is_accepted_is_accepted_by_every_stage_too(local_dags, conf
     """JSON Schema calls 12.0 an integer; the stage must not then refuse ``max_steps=12.0`` mid-run."""
     validate_conf(local_dags[FT], conf)
     s = local_settings()
-    plan = planner.finetune_plan(resolved(conf, local_dags[FT].params), s, planner.code_identity(s))
+    plan = planner.finetune_plan(resolved(conf, local_dags[FT].params), s, {})
     for stage in ("tokenize", "train_lora", "batch_infer"):
         load_config(stage_config_class(stage), None, plan[stage])
