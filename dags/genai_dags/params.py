@@ -120,8 +120,9 @@ def _group(stage: str, description: str) -> dict[str, Param]:
 def _run_id() -> Param:
     return Param(
         None,
-        description="Stage run id (artifacts under runs/<run_id>/). Empty: a hash of this conf and the stage "
-        "code, so re-running the same conf reuses every stage's cached output.",
+        description="Stage run id (artifacts under runs/<run_id>/). Empty: a hash of this conf and its input "
+        "files, so re-running the same conf reuses every stage's cached output (after a code change, only the "
+        "stages whose code changed recompute).",
         schema={"type": ["null", "string"], "pattern": RUN_ID_PATTERN},
     )
 
