@@ -8,6 +8,9 @@ One YAML document configures every DAG in this folder. It is found, in this orde
 3. the embedded default: the ``local`` runtime with artifacts under ``<repo>/artifacts``.
 
 The file is validated when it is loaded; an error names the key (``kubernetes.node_pools.gpu-spot...``).
+:class:`PipelineSettings` (pydantic, unknown keys forbidden) is the one source of every key's type, range
+and default: ``python -m genai_dags.settings reference`` prints the table in ``dags/README.md`` and
+``python -m genai_dags.settings schema`` its JSON Schema.
 The commented reference is ``values/local/pipeline.yaml`` (and ``dags/README.md``); one file per target
 cloud lives beside it. Platform settings never come from a run conf: a run conf cannot choose the image,
 the command, the service account, node selectors or privileges.
@@ -42,7 +45,7 @@ PriorityClassName = Annotated[str, StringConstraints(pattern=r"^$|^[a-z0-9]([-a-
 ImageTag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
 Email = Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
-NodePoolName = Literal["cpu", "gpu-spot", "gpu-on-demand"]
+NodePoolName = Literal[NODE_POOLS]
 StageName = Literal[STAGE_NAMES]
 
 
