@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from stages.core import manifest, models, store, uris
+from stages.core import layout, manifest, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -39,7 +39,6 @@ from stages.core.runner import StageConfig, StageRun, run_stage
 log = logging.getLogger("stages.batch_infer")
 NO_ADAPTER = "none"
 CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
-SHARD_PREFIX = "shard-"
 
 
 @dataclass(kw_only=True)
@@ -76,7 +75,7 @@ class BatchInferConfig(StageConfig):
         if self.adapter_uri.strip().lower() == NO_ADAPTER:
             self.adapter_uri = NO_ADAPTER
         else:
-            self.resolve_input("adapter_uri", "train_lora")
+            self.resolve_input("adapter_uri", layout.TRAIN_LORA)
         check(bool(self.prompts_uri), "prompts_uri is required: a JSONL file of prompts")
         self.prompts_uri = uris.normalize_uri(self.prompts_uri, "prompts_uri")
         check(bool(self.id_field), "id_field must not be empty")
@@ -94,12 +93,8 @@ class BatchInferConfig(StageConfig):
 
     def output_uri(self, stage: str) -> str:
         if self.num_shards > 1:
-            return self.run_uri(stage, shard_name(self.shard_index, self.num_shards))
+            return self.run_uri(stage, layout.shard_name(self.shard_index, self.num_shards))
         return self.run_uri(stage)
-
-
-def shard_name(index: int, count: int) -> str:
-    return f"{SHARD_PREFIX}{index:05d}-of-{count:05d}"
 
 
 def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
@@ -121,9 +116,9 @@ def check_layout(config: BatchInferConfig) -> None:
     Checked here because the runner clears uncommitted files under the output folder before the work
     starts, and an unsharded run would take the committed shard folders below it for leftovers.
     """
-    stage_uri = config.run_uri("batch_infer")
+    stage_uri = config.run_uri(layout.BATCH_INFER)
     if config.num_shards == 1:
-        shards = [d for d in store.list_dirs(stage_uri) if d.startswith(SHARD_PREFIX)]
+        shards = [d for d in store.list_dirs(stage_uri) if d.startswith(layout.SHARD_PREFIX)]
         if shards:
             raise UserError(
                 f"{stage_uri} already holds sharded outputs ({shards[0]}, ...): run num_shards=1 under a new run_id"
@@ -365,7 +360,7 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - started
 
-    out_file = run.scratch / "predictions.jsonl"
+    out_file = run.scratch / layout.PREDICTIONS
     with out_file.open("w", encoding="utf-8") as fh:
         for prompt, ids, tokens, cut in zip(prompts, prompt_ids, completions, truncated, strict=True):
             record = {
@@ -378,7 +373,7 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
                 record["truncated"] = True
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     sanity_check(out_file, prompts)
-    store.upload_file(out_file, run.output("predictions.jsonl"))
+    store.upload_file(out_file, run.output(layout.PREDICTIONS))
 
     generated = sum(len(c) for c in completions)
     metrics = {
@@ -412,7 +407,7 @@ def sanity_check(out_file: Path, prompts: list[Prompt]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("batch_infer", BatchInferConfig, inputs, batch_infer, argv)
+    return run_stage(layout.BATCH_INFER, BatchInferConfig, inputs, batch_infer, argv)
 
 
 if __name__ == "__main__":

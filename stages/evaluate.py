@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from stages.core import models, store, uris
+from stages.core import layout, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -78,8 +78,8 @@ class EvaluateConfig(StageConfig):
         check(bool(self.base_model), "base_model is required: a model URI or hub id")
         if uris.is_uri(self.base_model):
             self.base_model = uris.normalize_uri(self.base_model, "base_model")
-        self.resolve_input("adapter_uri", "train_lora")
-        self.resolve_input("dataset_uri", "tokenize")
+        self.resolve_input("adapter_uri", layout.TRAIN_LORA)
+        self.resolve_input("dataset_uri", layout.TOKENIZE)
         check(self.max_eval_docs >= 0, f"max_eval_docs={self.max_eval_docs} must be >= 0 (0 means all)")
         check(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
         check(
@@ -246,7 +246,7 @@ def context_length(model_config: Any, tokenizer: Any) -> int:
 
 
 def read_documents(dataset_uri: str, max_docs: int) -> list[str]:
-    uri = uris.join(dataset_uri, "validation_docs.jsonl")
+    uri = uris.join(dataset_uri, layout.VALIDATION_DOCS)
     docs: list[str] = []
     try:
         with store.open_file(uri, "rb") as fh:
@@ -377,11 +377,11 @@ def render_report(metrics: dict[str, Any], samples: list[dict], config: Evaluate
         lines.append(f"| {m} | {base:.4f} | {adapted:.4f} | {rel:+.2%} |")
     lines += [
         "",
-        "![perplexity before and after](perplexity.png)",
+        f"![perplexity before and after]({layout.PERPLEXITY_PLOT})",
         "",
         "## Training loss",
         "",
-        "![training loss](loss_curve.png)",
+        f"![training loss]({layout.LOSS_CURVE})",
         "",
         "## Samples (greedy)",
         "",
@@ -421,7 +421,7 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     docs = read_documents(config.dataset_uri, config.max_eval_docs)
 
     with models.adapter_dir(config.adapter_uri, run.inputs["base_model"]["sha256"], config.base_model) as adapter:
-        history = read_train_log(adapter.parent / "train_log.jsonl")
+        history = read_train_log(adapter.parent / layout.TRAIN_LOG)
         with models.model_dir(config.base_model) as base_path:
             tokenizer = models.load_tokenizer(base_path)
             base = models.load_model(base_path, dtype, device)
@@ -477,13 +477,13 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     sanity_check(metrics)
 
     samples = generate_samples(model, tokenizer, docs, config, device)
-    plot_loss_curve(history, run.scratch / "loss_curve.png")
-    plot_perplexity(base_scores, adapted_scores, run.scratch / "perplexity.png")
-    for name in ("loss_curve.png", "perplexity.png"):
+    plot_loss_curve(history, run.scratch / layout.LOSS_CURVE)
+    plot_perplexity(base_scores, adapted_scores, run.scratch / layout.PERPLEXITY_PLOT)
+    for name in (layout.LOSS_CURVE, layout.PERPLEXITY_PLOT):
         store.upload_file(run.scratch / name, run.output(name))
-    store.write_text(run.output("samples.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    store.write_text(run.output("report.md"), render_report(metrics, samples, config))
-    store.write_text(run.output("metrics.json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    store.write_text(run.output(layout.SAMPLES), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    store.write_text(run.output(layout.REPORT), render_report(metrics, samples, config))
+    store.write_text(run.output(layout.METRICS), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     m = config.gate_metric
     log.info(
@@ -504,7 +504,7 @@ def sanity_check(metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", EvaluateConfig, inputs, evaluate, argv)
+    return run_stage(layout.EVALUATE, EvaluateConfig, inputs, evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from stages.core import models, store, uris
+from stages.core import layout, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -573,7 +573,7 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
             "add text, lower validation_fraction or lower block_size"
         )
 
-    dataset_dir = run.scratch / "dataset"
+    dataset_dir = run.scratch / layout.DATASET
     dataset = datasets.DatasetDict(
         train=blocks_dataset(train_blocks, config.block_size),
         validation=blocks_dataset(validation_blocks, config.block_size),
@@ -581,13 +581,13 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     # An empty split saved with the default zero shards cannot be loaded back; evaluate still has the docs.
     dataset.save_to_disk(str(dataset_dir), num_shards={k: 1 for k, d in dataset.items() if len(d) == 0})
     sanity_check(dataset_dir, tokenizer, config.block_size, len(train_blocks), len(validation_blocks))
-    store.upload_dir(dataset_dir, run.output("dataset"))
+    store.upload_dir(dataset_dir, run.output(layout.DATASET))
 
-    docs_file = run.scratch / "validation_docs.jsonl"
+    docs_file = run.scratch / layout.VALIDATION_DOCS
     with docs_file.open("w", encoding="utf-8") as fh:
         for i in validation_order:
             fh.write(json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n")
-    store.upload_file(docs_file, run.output("validation_docs.jsonl"))
+    store.upload_file(docs_file, run.output(layout.VALIDATION_DOCS))
 
     tokens_total = len(train_ids) + len(validation_ids)
     metrics = {
@@ -634,7 +634,7 @@ def sanity_check(dataset_dir: Path, tokenizer: Any, block_size: int, train_block
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("tokenize", TokenizeConfig, inputs, tokenize, argv)
+    return run_stage(layout.TOKENIZE, TokenizeConfig, inputs, tokenize, argv)
 
 
 if __name__ == "__main__":

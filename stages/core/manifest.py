@@ -24,13 +24,13 @@ from typing import Any
 from stages import __version__
 from stages.core import store, uris
 from stages.core.errors import UserError
+from stages.core.layout import CHECKPOINTS, MANIFEST
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 # How far above a URI to look for the manifest of the stage output that holds it (dataset/, model/, ...).
 MAX_DEPTH_IN_OUTPUT = 3
 # Working state that lives beside the outputs but is not one of them.
-NOT_OUTPUTS = ("checkpoints/", ".")
+NOT_OUTPUTS = (CHECKPOINTS + "/", ".")
 _CORE = Path(__file__).resolve().parent  # stages/core: the library every stage runs
 _PACKAGE = _CORE.parent  # stages/
 

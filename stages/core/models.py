@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.core import downloads, store, uris
+from stages.core import downloads, layout, store, uris
 from stages.core.errors import UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
@@ -84,8 +84,9 @@ def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator
     An adapter trained on another base model is refused here, before any weights load.
     """
     with downloads.local_copy(adapter_uri) as path:
-        folder = path / "adapter" if (path / "adapter" / "adapter_config.json").exists() else path
-        if not (folder / "adapter_config.json").exists():
+        inside = path / layout.ADAPTER
+        folder = inside if (inside / layout.ADAPTER_CONFIG).exists() else path
+        if not (folder / layout.ADAPTER_CONFIG).exists():
             raise UserError(
                 f"adapter_uri={adapter_uri!r} holds no PEFT adapter (no adapter/adapter_config.json "
                 "or adapter_config.json); give a train_lora output or a published model"
@@ -95,7 +96,7 @@ def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator
 
 
 def _check_adapter_matches(adapter_path: Path, base_sha256: str, base_model: str) -> None:
-    info_file = adapter_path / "training_base.json"
+    info_file = adapter_path / layout.TRAINING_BASE
     if not info_file.exists():
         raise UserError(f"adapter at {adapter_path} has no training_base.json; was it made by train_lora?")
     trained_on = json.loads(info_file.read_text())
