@@ -69,9 +69,7 @@ class BatchInferConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
+        self.base_model = models.check_base_model(self.base_model)
         if self.adapter_uri.strip().lower() == NO_ADAPTER:
             self.adapter_uri = NO_ADAPTER
         else:

@@ -75,9 +75,7 @@ class EvaluateConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
+        self.base_model = models.check_base_model(self.base_model)
         self.resolve_input("adapter_uri", layout.TRAIN_LORA)
         self.resolve_input("dataset_uri", layout.TOKENIZE)
         check(self.max_eval_docs >= 0, f"max_eval_docs={self.max_eval_docs} must be >= 0 (0 means all)")

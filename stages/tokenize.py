@@ -77,9 +77,7 @@ class TokenizeConfig(StageConfig):
         super().__post_init__()
         check(bool(self.input_uri), "input_uri is required: a JSONL, text or Parquet file, folder or glob URI")
         self.input_uri = uris.normalize_uri(self.input_uri, "input_uri")
-        check(bool(self.base_model), "base_model is required: the URI of a saved model folder or a hub model id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
+        self.base_model = models.check_base_model(self.base_model)
         check(bool(self.text_field), "text_field must not be empty")
         check(self.min_chars >= 1, f"min_chars={self.min_chars} must be >= 1")
         check(self.max_chars >= self.min_chars, f"max_chars={self.max_chars} must be >= min_chars={self.min_chars}")

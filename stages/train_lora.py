@@ -64,9 +64,7 @@ class TrainLoraConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
+        self.base_model = models.check_base_model(self.base_model)
         self.resolve_input("dataset_uri", layout.TOKENIZE)
         check(self.rank > 0, f"rank={self.rank} must be > 0")
         check(self.alpha > 0, f"alpha={self.alpha} must be > 0")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.core import downloads, layout, store, uris
-from stages.core.errors import UserError
+from stages.core.errors import ConfigError, UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
     import torch
@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokeniz
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def check_base_model(value: str, field: str = "base_model") -> str:
+    """A base model as a stage config keeps it: a URI, normalised (a plain path becomes ``file://``; an
+    unknown scheme or a URI with credentials is refused, naming ``field``), or a hub model id as given."""
+    if not value:
+        raise ConfigError(f"{field} is required: the URI of a saved model folder or a hub model id")
+    return uris.normalize_uri(value, field) if uris.is_uri(value) else value
 
 
 @contextmanager
