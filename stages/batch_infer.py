@@ -38,7 +38,6 @@ from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.batch_infer")
 NO_ADAPTER = "none"
-CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
 
 
 @dataclass(kw_only=True)
@@ -210,18 +209,6 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
 # Generation
 
 
-def context_length(model_config: Any, tokenizer: Any) -> int:
-    """The longest sequence the model takes: its (text) config's positions, else the tokenizer's limit."""
-    config = getattr(model_config, "text_config", None) or model_config
-    for attr in CONTEXT_ATTRS:
-        if getattr(config, attr, None):
-            return int(getattr(config, attr))
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit and limit < 1_000_000_000:
-        return int(limit)
-    raise UserError("cannot tell the base model's context length: no max_position_embeddings in its config")
-
-
 def encode_prompts(tokenizer, texts: list[str], limit: int) -> tuple[list[list[int]], list[bool]]:
     """Token ids per prompt (with the tokenizer's usual special tokens), cut from the left to ``limit``.
 
@@ -332,7 +319,12 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
     model, tokenizer = load(config, run, device, dtype)
     model.eval()
 
-    context = context_length(model.config, tokenizer)
+    context = models.context_length(model.config, tokenizer)
+    if context is None:  # no guess: a prompt cut to a wrong length would fail or be cut for nothing
+        raise UserError(
+            f"cannot tell base_model's context length: its config sets none of {', '.join(models.CONTEXT_ATTRS)} "
+            "and its tokenizer no model_max_length"
+        )
     limit = context - config.max_new_tokens
     if limit < 1:
         raise UserError(

@@ -41,10 +41,7 @@ from stages.core.runner import StageConfig, StageRun, run_stage
 log = logging.getLogger("stages.evaluate")
 
 PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
-# lm-eval's HFLM reads the context length from the first of these config attributes that exists.
-CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
-HF_UNSET_MAX_LENGTH = 1000000000000000019884624838656  # what transformers puts in model_max_length when unset
-LM_EVAL_DEFAULT_MAX_LENGTH = 2048
+LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM context when neither model config nor tokenizer gives one
 SAMPLE_PROMPT_TOKENS = 32
 
 
@@ -224,19 +221,6 @@ def quality_gate(improvement: dict[str, float], metric: str, threshold: float) -
         change = f"{metric} got worse by {-value:.1%}"
     reason = f"{change} ({'>=' if passed else '<'} {threshold:.1%} required)"
     return {"passed": passed, "reason": reason, "metric": metric, "threshold": threshold, "value": value}
-
-
-def context_length(model_config: Any, tokenizer: Any) -> int:
-    """HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the text model's
-    config first, then the tokenizer's model_max_length, then lm-eval's default of 2048."""
-    config = getattr(model_config, "text_config", None) or model_config
-    for attr in CONTEXT_ATTRS:
-        if getattr(config, attr, None) is not None:
-            return int(getattr(config, attr))
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit != HF_UNSET_MAX_LENGTH:
-        return int(limit)
-    return LM_EVAL_DEFAULT_MAX_LENGTH
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +410,9 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
         model = PeftModel.from_pretrained(base, str(adapter)).to(device)
     model.eval()
 
-    context = context_length(model.config, tokenizer)
+    # HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the model config's
+    # context, else the tokenizer's model_max_length (both as models.context_length reads them), else 2048.
+    context = models.context_length(model.config, tokenizer) or LM_EVAL_DEFAULT_MAX_LENGTH
     max_length = config.max_length or context
     if max_length > context:
         raise UserError(f"max_length={config.max_length} is longer than base_model's context of {context} tokens")

@@ -534,11 +534,12 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     datasets.disable_progress_bars()  # one tqdm line per split is noise in a pod's log
     with models.model_dir(config.base_model) as path:
         tokenizer = models.load_tokenizer(path)
+        context = models.context_length(models.load_model_config(path), tokenizer)
     if tokenizer.eos_token_id is None:
         raise UserError(f"base_model={config.base_model!r} has a tokenizer without an eos token to separate documents")
-    max_length = getattr(tokenizer, "model_max_length", None) or 0
-    if 0 < max_length < 1_000_000 and config.block_size > max_length:
-        raise UserError(f"block_size={config.block_size} is longer than base_model's context of {max_length} tokens")
+    # An unknown context length leaves block_size unchecked here; train_lora checks it against the model.
+    if context is not None and config.block_size > context:
+        raise UserError(f"block_size={config.block_size} is longer than base_model's context of {context} tokens")
 
     files = store.expand(config.input_uri)
     if not files:

@@ -210,8 +210,8 @@ class LoRARecipe:
         config = self.config
         with models.model_dir(config.base_model) as base_path:
             base = models.load_model(base_path, self.dtype, self.device)
-        context = getattr(base.config, "max_position_embeddings", self.block_size)
-        if self.block_size > context:
+        context = models.context_length(base.config)
+        if context is not None and self.block_size > context:  # unknown: the blocks are taken as they are
             raise UserError(
                 f"dataset blocks have {self.block_size} tokens, more than base_model's context of {context}"
             )

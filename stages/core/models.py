@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stages.core import downloads, layout, store, uris
 from stages.core.errors import ConfigError, UserError
@@ -24,6 +24,11 @@ if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokeniz
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# Model config attributes that hold the context length, in the order lm-evaluation-harness reads them.
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+# What transformers leaves in a tokenizer's model_max_length when nothing set it (its VERY_LARGE_INTEGER).
+UNSET_MODEL_MAX_LENGTH = int(1e30)
 
 
 def check_base_model(value: str, field: str = "base_model") -> str:
@@ -76,6 +81,30 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
+    """The longest sequence the model takes, in tokens, or None when nothing says.
+
+    In order: the first of CONTEXT_ATTRS that the model config (its ``text_config`` where it has one)
+    sets to a positive number; then the tokenizer's ``model_max_length``, unless it is transformers'
+    "unset" value. What an unknown length means is the caller's policy, stated where it is called.
+    """
+    config = getattr(model_config, "text_config", None) or model_config
+    for attr in CONTEXT_ATTRS:
+        value = getattr(config, attr, None)
+        if value is not None and value > 0:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and 0 < limit != UNSET_MODEL_MAX_LENGTH:
+        return int(limit)
+    return None
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device):
