@@ -135,17 +135,6 @@ class Prompt(NamedTuple):
     text: str
 
 
-def prompt_files(uri: str) -> list[str]:
-    """The JSONL file, or every file of a folder or glob in sorted order (records follow that order)."""
-    try:
-        files = store.expand(uri)
-    except FileNotFoundError:
-        raise UserError(f"prompts_uri={uri!r} does not exist") from None
-    if not files:
-        raise UserError(f"prompts_uri={uri!r} matches no files")
-    return files
-
-
 def _records(files: list[str]) -> Iterator[tuple[str, int, bytes]]:
     """(file, line number, raw line) of every non-blank line, file after file; blank lines are not records."""
     for file in files:
@@ -166,7 +155,7 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
     Two streaming passes: one counts the records (the shard bounds need the total), one validates every
     record and keeps this shard's. Only the ids of other shards are held (to find duplicates).
     """
-    files = prompt_files(config.prompts_uri)
+    files = store.expand(config.prompts_uri, "prompts_uri")  # sorted: records follow the files' order
     total = sum(1 for _ in _records(files))
     if total == 0:
         raise UserError(f"prompts_uri={config.prompts_uri!r} is empty: no prompts to complete")

@@ -541,9 +541,7 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     if context is not None and config.block_size > context:
         raise UserError(f"block_size={config.block_size} is longer than base_model's context of {context} tokens")
 
-    files = store.expand(config.input_uri)
-    if not files:
-        raise UserError(f"input_uri={config.input_uri!r} matches no files")
+    files = store.expand(config.input_uri, "input_uri")
     log.info("reading %d file(s) from %s", len(files), config.input_uri)
     started = time.perf_counter()  # reading, cleaning and tokenizing overlap: timed together
     encoder = Encoder(tokenizer, config.batch_size)
