@@ -67,7 +67,7 @@ def inputs(config: BaseModelConfig) -> dict[str, str]:
 
 def read_corpus(uri: str) -> list[str]:
     texts = []
-    for file in store.expand(uri):
+    for file in store.expand(uri, "corpus_uri"):
         text = store.read_bytes(file).decode("utf-8", errors="replace").strip()
         if text:
             texts.append(text)

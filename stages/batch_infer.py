@@ -31,15 +31,13 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from stages.core import manifest, models, store, uris
+from stages.core import layout, manifest, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.batch_infer")
 NO_ADAPTER = "none"
-CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
-SHARD_PREFIX = "shard-"
 
 
 @dataclass(kw_only=True)
@@ -70,13 +68,11 @@ class BatchInferConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
+        self.base_model = models.check_base_model(self.base_model)
         if self.adapter_uri.strip().lower() == NO_ADAPTER:
             self.adapter_uri = NO_ADAPTER
         else:
-            self.resolve_input("adapter_uri", "train_lora")
+            self.resolve_input("adapter_uri", layout.TRAIN_LORA)
         check(bool(self.prompts_uri), "prompts_uri is required: a JSONL file of prompts")
         self.prompts_uri = uris.normalize_uri(self.prompts_uri, "prompts_uri")
         check(bool(self.id_field), "id_field must not be empty")
@@ -94,12 +90,8 @@ class BatchInferConfig(StageConfig):
 
     def output_uri(self, stage: str) -> str:
         if self.num_shards > 1:
-            return self.run_uri(stage, shard_name(self.shard_index, self.num_shards))
+            return self.run_uri(stage, layout.shard_name(self.shard_index, self.num_shards))
         return self.run_uri(stage)
-
-
-def shard_name(index: int, count: int) -> str:
-    return f"{SHARD_PREFIX}{index:05d}-of-{count:05d}"
 
 
 def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
@@ -121,9 +113,9 @@ def check_layout(config: BatchInferConfig) -> None:
     Checked here because the runner clears uncommitted files under the output folder before the work
     starts, and an unsharded run would take the committed shard folders below it for leftovers.
     """
-    stage_uri = config.run_uri("batch_infer")
+    stage_uri = config.run_uri(layout.BATCH_INFER)
     if config.num_shards == 1:
-        shards = [d for d in store.list_dirs(stage_uri) if d.startswith(SHARD_PREFIX)]
+        shards = [d for d in store.list_dirs(stage_uri) if d.startswith(layout.SHARD_PREFIX)]
         if shards:
             raise UserError(
                 f"{stage_uri} already holds sharded outputs ({shards[0]}, ...): run num_shards=1 under a new run_id"
@@ -141,17 +133,6 @@ class Prompt(NamedTuple):
     where: str  # "<file> line <n>"
     id: str | int
     text: str
-
-
-def prompt_files(uri: str) -> list[str]:
-    """The JSONL file, or every file of a folder or glob in sorted order (records follow that order)."""
-    try:
-        files = store.expand(uri)
-    except FileNotFoundError:
-        raise UserError(f"prompts_uri={uri!r} does not exist") from None
-    if not files:
-        raise UserError(f"prompts_uri={uri!r} matches no files")
-    return files
 
 
 def _records(files: list[str]) -> Iterator[tuple[str, int, bytes]]:
@@ -174,7 +155,7 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
     Two streaming passes: one counts the records (the shard bounds need the total), one validates every
     record and keeps this shard's. Only the ids of other shards are held (to find duplicates).
     """
-    files = prompt_files(config.prompts_uri)
+    files = store.expand(config.prompts_uri, "prompts_uri")  # sorted: records follow the files' order
     total = sum(1 for _ in _records(files))
     if total == 0:
         raise UserError(f"prompts_uri={config.prompts_uri!r} is empty: no prompts to complete")
@@ -215,18 +196,6 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
 
 # ---------------------------------------------------------------------------------------------
 # Generation
-
-
-def context_length(model_config: Any, tokenizer: Any) -> int:
-    """The longest sequence the model takes: its (text) config's positions, else the tokenizer's limit."""
-    config = getattr(model_config, "text_config", None) or model_config
-    for attr in CONTEXT_ATTRS:
-        if getattr(config, attr, None):
-            return int(getattr(config, attr))
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit and limit < 1_000_000_000:
-        return int(limit)
-    raise UserError("cannot tell the base model's context length: no max_position_embeddings in its config")
 
 
 def encode_prompts(tokenizer, texts: list[str], limit: int) -> tuple[list[list[int]], list[bool]]:
@@ -339,7 +308,12 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
     model, tokenizer = load(config, run, device, dtype)
     model.eval()
 
-    context = context_length(model.config, tokenizer)
+    context = models.context_length(model.config, tokenizer)
+    if context is None:  # no guess: a prompt cut to a wrong length would fail or be cut for nothing
+        raise UserError(
+            f"cannot tell base_model's context length: its config sets none of {', '.join(models.CONTEXT_ATTRS)} "
+            "and its tokenizer no model_max_length"
+        )
     limit = context - config.max_new_tokens
     if limit < 1:
         raise UserError(
@@ -365,7 +339,7 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - started
 
-    out_file = run.scratch / "predictions.jsonl"
+    out_file = run.scratch / layout.PREDICTIONS
     with out_file.open("w", encoding="utf-8") as fh:
         for prompt, ids, tokens, cut in zip(prompts, prompt_ids, completions, truncated, strict=True):
             record = {
@@ -378,7 +352,7 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
                 record["truncated"] = True
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     sanity_check(out_file, prompts)
-    store.upload_file(out_file, run.output("predictions.jsonl"))
+    store.upload_file(out_file, run.output(layout.PREDICTIONS))
 
     generated = sum(len(c) for c in completions)
     metrics = {
@@ -412,7 +386,7 @@ def sanity_check(out_file: Path, prompts: list[Prompt]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("batch_infer", BatchInferConfig, inputs, batch_infer, argv)
+    return run_stage(layout.BATCH_INFER, BatchInferConfig, inputs, batch_infer, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from stages.core import models, store, uris
+from stages.core import layout, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -41,10 +41,7 @@ from stages.core.runner import StageConfig, StageRun, run_stage
 log = logging.getLogger("stages.evaluate")
 
 PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
-# lm-eval's HFLM reads the context length from the first of these config attributes that exists.
-CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
-HF_UNSET_MAX_LENGTH = 1000000000000000019884624838656  # what transformers puts in model_max_length when unset
-LM_EVAL_DEFAULT_MAX_LENGTH = 2048
+LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM context when neither model config nor tokenizer gives one
 SAMPLE_PROMPT_TOKENS = 32
 
 
@@ -75,11 +72,9 @@ class EvaluateConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
-        self.resolve_input("adapter_uri", "train_lora")
-        self.resolve_input("dataset_uri", "tokenize")
+        self.base_model = models.check_base_model(self.base_model)
+        self.resolve_input("adapter_uri", layout.TRAIN_LORA)
+        self.resolve_input("dataset_uri", layout.TOKENIZE)
         check(self.max_eval_docs >= 0, f"max_eval_docs={self.max_eval_docs} must be >= 0 (0 means all)")
         check(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
         check(
@@ -228,25 +223,12 @@ def quality_gate(improvement: dict[str, float], metric: str, threshold: float) -
     return {"passed": passed, "reason": reason, "metric": metric, "threshold": threshold, "value": value}
 
 
-def context_length(model_config: Any, tokenizer: Any) -> int:
-    """HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the text model's
-    config first, then the tokenizer's model_max_length, then lm-eval's default of 2048."""
-    config = getattr(model_config, "text_config", None) or model_config
-    for attr in CONTEXT_ATTRS:
-        if getattr(config, attr, None) is not None:
-            return int(getattr(config, attr))
-    limit = getattr(tokenizer, "model_max_length", None)
-    if limit is not None and limit != HF_UNSET_MAX_LENGTH:
-        return int(limit)
-    return LM_EVAL_DEFAULT_MAX_LENGTH
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
 
 def read_documents(dataset_uri: str, max_docs: int) -> list[str]:
-    uri = uris.join(dataset_uri, "validation_docs.jsonl")
+    uri = uris.join(dataset_uri, layout.VALIDATION_DOCS)
     docs: list[str] = []
     try:
         with store.open_file(uri, "rb") as fh:
@@ -377,11 +359,11 @@ def render_report(metrics: dict[str, Any], samples: list[dict], config: Evaluate
         lines.append(f"| {m} | {base:.4f} | {adapted:.4f} | {rel:+.2%} |")
     lines += [
         "",
-        "![perplexity before and after](perplexity.png)",
+        f"![perplexity before and after]({layout.PERPLEXITY_PLOT})",
         "",
         "## Training loss",
         "",
-        "![training loss](loss_curve.png)",
+        f"![training loss]({layout.LOSS_CURVE})",
         "",
         "## Samples (greedy)",
         "",
@@ -421,14 +403,16 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     docs = read_documents(config.dataset_uri, config.max_eval_docs)
 
     with models.adapter_dir(config.adapter_uri, run.inputs["base_model"]["sha256"], config.base_model) as adapter:
-        history = read_train_log(adapter.parent / "train_log.jsonl")
+        history = read_train_log(adapter.parent / layout.TRAIN_LOG)
         with models.model_dir(config.base_model) as base_path:
             tokenizer = models.load_tokenizer(base_path)
             base = models.load_model(base_path, dtype, device)
         model = PeftModel.from_pretrained(base, str(adapter)).to(device)
     model.eval()
 
-    context = context_length(model.config, tokenizer)
+    # HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the model config's
+    # context, else the tokenizer's model_max_length (both as models.context_length reads them), else 2048.
+    context = models.context_length(model.config, tokenizer) or LM_EVAL_DEFAULT_MAX_LENGTH
     max_length = config.max_length or context
     if max_length > context:
         raise UserError(f"max_length={config.max_length} is longer than base_model's context of {context} tokens")
@@ -477,13 +461,13 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     sanity_check(metrics)
 
     samples = generate_samples(model, tokenizer, docs, config, device)
-    plot_loss_curve(history, run.scratch / "loss_curve.png")
-    plot_perplexity(base_scores, adapted_scores, run.scratch / "perplexity.png")
-    for name in ("loss_curve.png", "perplexity.png"):
+    plot_loss_curve(history, run.scratch / layout.LOSS_CURVE)
+    plot_perplexity(base_scores, adapted_scores, run.scratch / layout.PERPLEXITY_PLOT)
+    for name in (layout.LOSS_CURVE, layout.PERPLEXITY_PLOT):
         store.upload_file(run.scratch / name, run.output(name))
-    store.write_text(run.output("samples.jsonl"), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    store.write_text(run.output("report.md"), render_report(metrics, samples, config))
-    store.write_text(run.output("metrics.json"), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    store.write_text(run.output(layout.SAMPLES), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    store.write_text(run.output(layout.REPORT), render_report(metrics, samples, config))
+    store.write_text(run.output(layout.METRICS), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     m = config.gate_metric
     log.info(
@@ -504,7 +488,7 @@ def sanity_check(metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", EvaluateConfig, inputs, evaluate, argv)
+    return run_stage(layout.EVALUATE, EvaluateConfig, inputs, evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core import manifest, store, uris
+from stages.core import layout, manifest, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.merge_predictions")
-PREDICTIONS = "predictions.jsonl"
-
-
-def shard_name(index: int, count: int) -> str:
-    """The folder batch_infer commits shard ``index`` of ``count`` under (see docs/stages.md)."""
-    return f"shard-{index:05d}-of-{count:05d}"
 
 
 @dataclass(kw_only=True)
@@ -39,14 +33,15 @@ class MergePredictionsConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.resolve_input("predictions_uri", "batch_infer")
+        self.resolve_input("predictions_uri", layout.BATCH_INFER)
         check(1 <= self.num_shards <= 99_999, f"num_shards={self.num_shards} must be in [1, 99999]")
 
 
 def shard_uris(config: MergePredictionsConfig) -> list[str]:
     if config.num_shards == 1:
         return [config.predictions_uri]
-    return [uris.join(config.predictions_uri, shard_name(i, config.num_shards)) for i in range(config.num_shards)]
+    count = config.num_shards
+    return [uris.join(config.predictions_uri, layout.shard_name(i, count)) for i in range(count)]
 
 
 def inputs(config: MergePredictionsConfig) -> dict[str, str]:
@@ -62,13 +57,13 @@ def inputs(config: MergePredictionsConfig) -> dict[str, str]:
 
 
 def merge(config: MergePredictionsConfig, run: StageRun) -> dict[str, Any]:
-    merged = run.scratch / PREDICTIONS
+    merged = run.scratch / layout.PREDICTIONS
     seen: set[Any] = set()
     per_shard = []
     with merged.open("wb") as out:
         for uri in shard_uris(config):
             count = 0
-            source = uris.join(uri, PREDICTIONS)
+            source = uris.join(uri, layout.PREDICTIONS)
             with store.open_file(source, "rb") as fh:
                 for number, raw in enumerate(fh, start=1):
                     if not raw.strip():
@@ -84,14 +79,14 @@ def merge(config: MergePredictionsConfig, run: StageRun) -> dict[str, Any]:
                     out.write(raw if raw.endswith(b"\n") else raw + b"\n")
                     count += 1
             per_shard.append(count)
-    store.upload_file(merged, run.output(PREDICTIONS))
+    store.upload_file(merged, run.output(layout.PREDICTIONS))
 
     # Sanity check: the committed file holds exactly the records read.
-    with store.open_file(run.output(PREDICTIONS), "rb") as fh:
+    with store.open_file(run.output(layout.PREDICTIONS), "rb") as fh:
         lines = sum(1 for _ in fh)
     if lines != sum(per_shard):
         raise RuntimeError(f"merged file has {lines} lines, expected {sum(per_shard)}")
-    log.info("merged %d shard(s), %d records, into %s", len(per_shard), sum(per_shard), run.output(PREDICTIONS))
+    log.info("merged %d shard(s), %d records, into %s", len(per_shard), sum(per_shard), run.output(layout.PREDICTIONS))
     return {"records": sum(per_shard), "shards": len(per_shard), "records_per_shard": per_shard}
 
 

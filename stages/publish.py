@@ -24,14 +24,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core import manifest, store, uris
+from stages.core import layout, manifest, store, uris
 from stages.core.config import check, check_run_id, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.publish")
 NONE = "none"
-EVALUATION_FILES = ("metrics.json", "report.md", "samples.jsonl", "loss_curve.png", "perplexity.png")
 
 
 @dataclass(kw_only=True)
@@ -53,8 +52,8 @@ class PublishConfig(StageConfig):
         check_run_id("model_name", self.model_name)
         self.version = self.version or self.run_id
         check_run_id("version", self.version)
-        self.resolve_input("adapter_uri", "train_lora")
-        self.resolve_input("evaluation_uri", "evaluate")
+        self.resolve_input("adapter_uri", layout.TRAIN_LORA)
+        self.resolve_input("evaluation_uri", layout.EVALUATE)
         if self.predictions_uri.strip().lower() == NONE:
             self.predictions_uri = NONE
         elif self.predictions_uri:
@@ -70,7 +69,7 @@ def _predictions(config: PublishConfig) -> str | None:
         return None
     if config.predictions_uri:
         return config.predictions_uri
-    default = config.run_uri("batch_infer")
+    default = config.run_uri(layout.BATCH_INFER)
     return default if manifest.read(default) is not None else None
 
 
@@ -114,15 +113,15 @@ class Adapter:
 def read_adapter(config: PublishConfig) -> Adapter:
     """The adapter's files and its base model (from train_lora's config, else ``training_base.json``)."""
     trained = manifest.read(config.adapter_uri)
-    adapter_dir = uris.join(config.adapter_uri, "adapter") if trained else config.adapter_uri
+    adapter_dir = uris.join(config.adapter_uri, layout.ADAPTER) if trained else config.adapter_uri
     files = store.list_files(adapter_dir)
-    if "adapter_config.json" not in files:
+    if layout.ADAPTER_CONFIG not in files:
         raise UserError(f"adapter_uri={config.adapter_uri!r} holds no PEFT adapter (no adapter_config.json)")
     base_model = trained.get("config", {}).get("base_model") if trained else None
     if base_model is None:
         training_base = (
-            json.loads(store.read_text(uris.join(adapter_dir, "training_base.json")))
-            if "training_base.json" in files
+            json.loads(store.read_text(uris.join(adapter_dir, layout.TRAINING_BASE)))
+            if layout.TRAINING_BASE in files
             else {}
         )
         base_model = training_base.get("base_model")
@@ -159,17 +158,17 @@ def read_predictions(config: PublishConfig) -> tuple[str, dict[str, Any]] | None
 def copy_adapter(config: PublishConfig, run: StageRun, adapter: Adapter) -> None:
     """``adapter/``, and train_lora's ``train_log.jsonl`` when there is one."""
     for rel in adapter.files:
-        store.copy_file(uris.join(adapter.uri, rel), run.output("adapter", rel))
+        store.copy_file(uris.join(adapter.uri, rel), run.output(layout.ADAPTER, rel))
     if adapter.trained:
-        train_log = uris.join(config.adapter_uri, "train_log.jsonl")
+        train_log = uris.join(config.adapter_uri, layout.TRAIN_LOG)
         if store.exists(train_log):
-            store.copy_file(train_log, run.output("train_log.jsonl"))
+            store.copy_file(train_log, run.output(layout.TRAIN_LOG))
 
 
 def copy_evaluation(config: PublishConfig, run: StageRun) -> list[str]:
     """evaluate's report files that exist, under ``evaluation/``; returns their names."""
     copied = []
-    for name in EVALUATION_FILES:
+    for name in layout.EVALUATION_FILES:
         src = uris.join(config.evaluation_uri, name)
         if store.exists(src):
             store.copy_file(src, run.output("evaluation", name))
@@ -212,7 +211,7 @@ def build_lineage(
 def sanity_check(run: StageRun, adapter: Adapter) -> None:
     """The published adapter is byte-identical to what was trained."""
     for rel in adapter.files:
-        if store.sha256(run.output("adapter", rel)) != store.sha256(uris.join(adapter.uri, rel)):
+        if store.sha256(run.output(layout.ADAPTER, rel)) != store.sha256(uris.join(adapter.uri, rel)):
             raise RuntimeError(f"published adapter file {rel} differs from its source")
 
 
@@ -240,7 +239,7 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
         "model_name": config.model_name,
         "version": config.version,
         "uri": run.out_uri,
-        "adapter_uri": run.output("adapter"),
+        "adapter_uri": run.output(layout.ADAPTER),
         "base_model": adapter.base_model,
         "quality_gate_passed": bool(gate.get("passed")),
     }

@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from stages.core import models, store, uris
+from stages.core import layout, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -77,9 +77,7 @@ class TokenizeConfig(StageConfig):
         super().__post_init__()
         check(bool(self.input_uri), "input_uri is required: a JSONL, text or Parquet file, folder or glob URI")
         self.input_uri = uris.normalize_uri(self.input_uri, "input_uri")
-        check(bool(self.base_model), "base_model is required: the URI of a saved model folder or a hub model id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
+        self.base_model = models.check_base_model(self.base_model)
         check(bool(self.text_field), "text_field must not be empty")
         check(self.min_chars >= 1, f"min_chars={self.min_chars} must be >= 1")
         check(self.max_chars >= self.min_chars, f"max_chars={self.max_chars} must be >= min_chars={self.min_chars}")
@@ -536,15 +534,14 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     datasets.disable_progress_bars()  # one tqdm line per split is noise in a pod's log
     with models.model_dir(config.base_model) as path:
         tokenizer = models.load_tokenizer(path)
+        context = models.context_length(models.load_model_config(path), tokenizer)
     if tokenizer.eos_token_id is None:
         raise UserError(f"base_model={config.base_model!r} has a tokenizer without an eos token to separate documents")
-    max_length = getattr(tokenizer, "model_max_length", None) or 0
-    if 0 < max_length < 1_000_000 and config.block_size > max_length:
-        raise UserError(f"block_size={config.block_size} is longer than base_model's context of {max_length} tokens")
+    # An unknown context length leaves block_size unchecked here; train_lora checks it against the model.
+    if context is not None and config.block_size > context:
+        raise UserError(f"block_size={config.block_size} is longer than base_model's context of {context} tokens")
 
-    files = store.expand(config.input_uri)
-    if not files:
-        raise UserError(f"input_uri={config.input_uri!r} matches no files")
+    files = store.expand(config.input_uri, "input_uri")
     log.info("reading %d file(s) from %s", len(files), config.input_uri)
     started = time.perf_counter()  # reading, cleaning and tokenizing overlap: timed together
     encoder = Encoder(tokenizer, config.batch_size)
@@ -573,7 +570,7 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
             "add text, lower validation_fraction or lower block_size"
         )
 
-    dataset_dir = run.scratch / "dataset"
+    dataset_dir = run.scratch / layout.DATASET
     dataset = datasets.DatasetDict(
         train=blocks_dataset(train_blocks, config.block_size),
         validation=blocks_dataset(validation_blocks, config.block_size),
@@ -581,13 +578,13 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     # An empty split saved with the default zero shards cannot be loaded back; evaluate still has the docs.
     dataset.save_to_disk(str(dataset_dir), num_shards={k: 1 for k, d in dataset.items() if len(d) == 0})
     sanity_check(dataset_dir, tokenizer, config.block_size, len(train_blocks), len(validation_blocks))
-    store.upload_dir(dataset_dir, run.output("dataset"))
+    store.upload_dir(dataset_dir, run.output(layout.DATASET))
 
-    docs_file = run.scratch / "validation_docs.jsonl"
+    docs_file = run.scratch / layout.VALIDATION_DOCS
     with docs_file.open("w", encoding="utf-8") as fh:
         for i in validation_order:
             fh.write(json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n")
-    store.upload_file(docs_file, run.output("validation_docs.jsonl"))
+    store.upload_file(docs_file, run.output(layout.VALIDATION_DOCS))
 
     tokens_total = len(train_ids) + len(validation_ids)
     metrics = {
@@ -634,7 +631,7 @@ def sanity_check(dataset_dir: Path, tokenizer: Any, block_size: int, train_block
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("tokenize", TokenizeConfig, inputs, tokenize, argv)
+    return run_stage(layout.TOKENIZE, TokenizeConfig, inputs, tokenize, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.core import checkpoints, downloads, models, store, uris
+from stages.core import checkpoints, downloads, layout, models, store, uris
 from stages.core.config import check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
@@ -64,10 +64,8 @@ class TrainLoraConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(bool(self.base_model), "base_model is required: a model URI or hub id")
-        if uris.is_uri(self.base_model):
-            self.base_model = uris.normalize_uri(self.base_model, "base_model")
-        self.resolve_input("dataset_uri", "tokenize")
+        self.base_model = models.check_base_model(self.base_model)
+        self.resolve_input("dataset_uri", layout.TOKENIZE)
         check(self.rank > 0, f"rank={self.rank} must be > 0")
         check(self.alpha > 0, f"alpha={self.alpha} must be > 0")
         check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
@@ -105,7 +103,7 @@ class PreemptionNotice:
 def load_blocks(dataset_uri: str) -> np.ndarray:
     import datasets
 
-    with downloads.local_copy(uris.join(dataset_uri, "dataset")) as path:
+    with downloads.local_copy(uris.join(dataset_uri, layout.DATASET)) as path:
         try:
             train = datasets.load_from_disk(str(path))["train"]
         except (FileNotFoundError, KeyError) as exc:
@@ -177,7 +175,7 @@ class LoRARecipe:
         self.config = config
         self.run = run
         self.notice = notice
-        self.checkpoints_uri = run.output("checkpoints")
+        self.checkpoints_uri = run.output(layout.CHECKPOINTS)
         self.step = 0  # optimizer steps done
         self.history: list[dict] = []  # one {"step", "loss", "lr"} per step, the train_log
         self.resumed_from: int | None = None
@@ -212,8 +210,8 @@ class LoRARecipe:
         config = self.config
         with models.model_dir(config.base_model) as base_path:
             base = models.load_model(base_path, self.dtype, self.device)
-        context = getattr(base.config, "max_position_embeddings", self.block_size)
-        if self.block_size > context:
+        context = models.context_length(base.config)
+        if context is not None and self.block_size > context:  # unknown: the blocks are taken as they are
             raise UserError(
                 f"dataset blocks have {self.block_size} tokens, more than base_model's context of {context}"
             )
@@ -349,14 +347,14 @@ class LoRARecipe:
         The checkpoints are working state, deleted once the manifest is committed.
         """
         config, run = self.config, self.run
-        adapter_dir = run.scratch / "adapter"
+        adapter_dir = run.scratch / layout.ADAPTER
         self.model.peft_config["default"].base_model_name_or_path = config.base_model
         self.model.save_pretrained(adapter_dir)
-        (adapter_dir / "training_base.json").write_text(
+        (adapter_dir / layout.TRAINING_BASE).write_text(
             json.dumps({"base_model": config.base_model, "sha256": run.inputs["base_model"]["sha256"]}, indent=2)
         )
-        store.upload_dir(adapter_dir, run.output("adapter"))
-        store.write_text(run.output("train_log.jsonl"), "".join(json.dumps(h) + "\n" for h in self.history))
+        store.upload_dir(adapter_dir, run.output(layout.ADAPTER))
+        store.write_text(run.output(layout.TRAIN_LOG), "".join(json.dumps(h) + "\n" for h in self.history))
         run.remove_after_commit.append(self.checkpoints_uri)
 
     def metrics(self, seconds: float) -> dict:
@@ -392,7 +390,7 @@ def sanity_check(model, history: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("train_lora", TrainLoraConfig, inputs, train, argv)
+    return run_stage(layout.TRAIN_LORA, TrainLoraConfig, inputs, train, argv)
 
 
 if __name__ == "__main__":

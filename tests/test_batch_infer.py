@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stages import batch_infer
+from stages.core import models
 from stages.core.config import load_config
 from stages.core.errors import ConfigError
 from tests.conftest import run_stage_cli
@@ -49,8 +50,6 @@ def prompts_file(prompts, tmp_path_factory) -> Path:
 def merged(finetune_run):
     from peft import PeftModel
 
-    from stages.core import models
-
     base_path = finetune_run["base_model"].removeprefix("file://")
     tokenizer = models.load_tokenizer(base_path)
     base = models.load_model(base_path, torch.float32, torch.device("cpu"))
@@ -61,7 +60,7 @@ def merged(finetune_run):
 @pytest.fixture(scope="module")
 def prompt_ids(merged, prompts) -> list[list[int]]:
     model, tokenizer = merged
-    limit = batch_infer.context_length(model.config, tokenizer) - MAX_NEW
+    limit = models.context_length(model.config, tokenizer) - MAX_NEW
     ids, truncated = batch_infer.encode_prompts(tokenizer, [p["prompt"] for p in prompts], limit)
     assert truncated == [n == 250 for n in WORDS]
     return ids
@@ -329,8 +328,6 @@ def test_bare_base_model_with_adapter_none(finetune_run, prompts_file, merged, c
 def make_other_base_model(base_model: str, folder: Path) -> str:
     """A randomly initialised model with the same architecture and tokenizer: another base model."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from stages.core import models
 
     base_path = base_model.removeprefix("file://")
     torch.manual_seed(1234)

@@ -11,7 +11,7 @@ import pytest
 
 from stages.core import manifest, store
 from stages.core.config import check, help_field, load_config
-from stages.core.errors import ConfigError, UserError
+from stages.core.errors import ConfigError, InputNotFound, UserError
 from stages.core.runner import StageConfig, run_stage
 
 
@@ -184,6 +184,34 @@ def test_missing_input_and_unwritable_root_exit_2(tmp_path, source, capsys):
         assert "not writable" in capsys.readouterr().err
     assert run_echo("artifact_root=/proc/genai-not-writable", f"source={source}") == 2
     assert "artifact_root is not writable" in capsys.readouterr().err
+
+
+def test_an_input_expands_to_its_files_sorted_without_hidden_ones(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl", ".hidden.jsonl", "notes.txt"):
+        (data / name).write_text("{}\n")
+    (data / "dir.jsonl").mkdir()  # a folder that a glob matches is not a file
+    root = f"file://{data}"
+
+    assert store.expand(f"{root}/a.jsonl") == [f"{root}/a.jsonl"]
+    assert store.expand(f"{root}/.hidden.jsonl") == [f"{root}/.hidden.jsonl"]  # named, so taken
+    assert store.expand(root) == [f"{root}/{n}" for n in ("a.jsonl", "b.jsonl", "notes.txt", "sub/c.jsonl")]
+    assert store.expand(f"{root}/*.jsonl") == [f"{root}/a.jsonl", f"{root}/b.jsonl"]
+    assert store.expand(f"{root}/**/*.jsonl") == [f"{root}/a.jsonl", f"{root}/b.jsonl", f"{root}/sub/c.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [("nope.jsonl", "does not exist"), ("*.parquet", "matches no files"), ("empty", "holds no files")],
+)
+def test_an_input_that_names_no_file_is_a_user_error_naming_the_field(tmp_path, where, message):
+    (tmp_path / "empty").mkdir()
+    uri = f"file://{tmp_path}/{where}"
+    with pytest.raises(InputNotFound) as exc:
+        store.expand(uri, "input_uri")
+    assert str(exc.value) == f"input_uri={uri!r} {message}"
+    assert isinstance(exc.value, UserError) and isinstance(exc.value, FileNotFoundError)
 
 
 def test_atomic_write_never_leaves_a_temp_file(tmp_path):

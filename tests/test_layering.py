@@ -135,3 +135,8 @@ def test_the_code_version_is_the_stage_module_plus_the_shared_library(tmp_path):
 
     (package / "core/new_helper.py").write_text("VALUE = 1\n")
     assert all(v != after_core_edit[s] for s, v in versions().items())
+
+
+def test_the_names_of_the_artifact_layout_sit_in_a_leaf_module():
+    """Every module may use the layout's names, so the layout imports no module of ours (no cycle can form)."""
+    assert GRAPH["stages.core.layout"] == set()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stages import merge_predictions, publish
-from stages.core import manifest
+from stages.core import layout, manifest
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def shards(root: Path, counts: list[int], n: int | None = None) -> None:
     for i, count in enumerate(counts):
         lines = "".join(json.dumps({"id": f"p{start + j}", "completion": "x"}) + "\n" for j in range(count))
         commit(
-            root / "runs/b1/batch_infer" / merge_predictions.shard_name(i, n),
+            root / "runs/b1/batch_infer" / layout.shard_name(i, n),
             {"predictions.jsonl": lines},
             {"stage": "batch_infer", "inputs": {}, "config": {}},
         )

@@ -1,7 +1,7 @@
 """The errors a stage reports in one line, without a traceback.
 
-:class:`UserError`: the user's to fix, exit 2. :class:`StoreError`: the artifact store kept failing, exit 1
-(the orchestrator retries the task).
+:class:`UserError`: the user's to fix, exit 2 (:class:`InputNotFound`: an input URI that names no file).
+:class:`StoreError`: the artifact store kept failing, exit 1 (the orchestrator retries the task).
 """
 
 
@@ -15,6 +15,14 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config value is unknown, of the wrong type or out of range."""
+
+
+class InputNotFound(UserError, FileNotFoundError):
+    """An input URI names no file: nothing is there, or a folder or glob holds no files.
+
+    Also a FileNotFoundError, so that a caller that handles missing files handles it too: the runner,
+    hashing a stage's inputs, reports it naming the input field.
+    """
 
 
 class StoreError(RuntimeError):

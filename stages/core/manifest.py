@@ -24,13 +24,13 @@ from typing import Any
 from stages import __version__
 from stages.core import store, uris
 from stages.core.errors import UserError
+from stages.core.layout import CHECKPOINTS, MANIFEST
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 # How far above a URI to look for the manifest of the stage output that holds it (dataset/, model/, ...).
 MAX_DEPTH_IN_OUTPUT = 3
 # Working state that lives beside the outputs but is not one of them.
-NOT_OUTPUTS = ("checkpoints/", ".")
+NOT_OUTPUTS = (CHECKPOINTS + "/", ".")
 _CORE = Path(__file__).resolve().parent  # stages/core: the library every stage runs
 _PACKAGE = _CORE.parent  # stages/
 
@@ -60,9 +60,10 @@ def hash_input(uri: str) -> dict[str, Any]:
     or glob of files, or one file.
 
     A committed stage output is identified by its manifest's output hashes, so downstream stages
-    never re-read gigabytes to hash them, and never list it.
+    never re-read gigabytes to hash them, and never list it. Anything else is listed by
+    :func:`stages.core.store.expand`: a URI that names no file is :class:`~stages.core.errors.InputNotFound`.
     """
-    covering = None if _is_glob(uri) else _covering_manifest(uri)
+    covering = None if uris.is_glob(uri) else _covering_manifest(uri)
     if covering is not None:
         committed, sub = covering
         if not sub:
@@ -85,15 +86,11 @@ def committed_files(uri: str) -> dict[str, str] | None:
     ``uri`` is a committed stage output or a folder or file inside one (a file maps to the key "").
     None when no committed manifest covers it: then only a listing can tell what is there.
     """
-    covering = None if _is_glob(uri) else _covering_manifest(uri)
+    covering = None if uris.is_glob(uri) else _covering_manifest(uri)
     if covering is None:
         return None
     committed, sub = covering
     return _files_below(committed, sub) or None
-
-
-def _is_glob(uri: str) -> bool:
-    return any(c in uri.partition("://")[2] for c in "*?[")
 
 
 def _covering_manifest(uri: str) -> tuple[dict[str, Any], str] | None:

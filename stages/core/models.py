@@ -12,10 +12,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from stages.core import downloads, store, uris
-from stages.core.errors import UserError
+from stages.core import downloads, layout, store, uris
+from stages.core.errors import ConfigError, UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
     import torch
@@ -24,6 +24,19 @@ if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokeniz
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+# Model config attributes that hold the context length, in the order lm-evaluation-harness reads them.
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+# What transformers leaves in a tokenizer's model_max_length when nothing set it (its VERY_LARGE_INTEGER).
+UNSET_MODEL_MAX_LENGTH = int(1e30)
+
+
+def check_base_model(value: str, field: str = "base_model") -> str:
+    """A base model as a stage config keeps it: a URI, normalised (a plain path becomes ``file://``; an
+    unknown scheme or a URI with credentials is refused, naming ``field``), or a hub model id as given."""
+    if not value:
+        raise ConfigError(f"{field} is required: the URI of a saved model folder or a hub model id")
+    return uris.normalize_uri(value, field) if uris.is_uri(value) else value
 
 
 @contextmanager
@@ -70,6 +83,30 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def load_model_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
+    """The longest sequence the model takes, in tokens, or None when nothing says.
+
+    In order: the first of CONTEXT_ATTRS that the model config (its ``text_config`` where it has one)
+    sets to a positive number; then the tokenizer's ``model_max_length``, unless it is transformers'
+    "unset" value. What an unknown length means is the caller's policy, stated where it is called.
+    """
+    config = getattr(model_config, "text_config", None) or model_config
+    for attr in CONTEXT_ATTRS:
+        value = getattr(config, attr, None)
+        if value is not None and value > 0:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit is not None and 0 < limit != UNSET_MODEL_MAX_LENGTH:
+        return int(limit)
+    return None
+
+
 def load_model(path: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -84,8 +121,9 @@ def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator
     An adapter trained on another base model is refused here, before any weights load.
     """
     with downloads.local_copy(adapter_uri) as path:
-        folder = path / "adapter" if (path / "adapter" / "adapter_config.json").exists() else path
-        if not (folder / "adapter_config.json").exists():
+        inside = path / layout.ADAPTER
+        folder = inside if (inside / layout.ADAPTER_CONFIG).exists() else path
+        if not (folder / layout.ADAPTER_CONFIG).exists():
             raise UserError(
                 f"adapter_uri={adapter_uri!r} holds no PEFT adapter (no adapter/adapter_config.json "
                 "or adapter_config.json); give a train_lora output or a published model"
@@ -95,7 +133,7 @@ def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator
 
 
 def _check_adapter_matches(adapter_path: Path, base_sha256: str, base_model: str) -> None:
-    info_file = adapter_path / "training_base.json"
+    info_file = adapter_path / layout.TRAINING_BASE
     if not info_file.exists():
         raise UserError(f"adapter at {adapter_path} has no training_base.json; was it made by train_lora?")
     trained_on = json.loads(info_file.read_text())

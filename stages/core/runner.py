@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.core import manifest, store, uris
+from stages.core import layout, manifest, store, uris
 from stages.core.config import check_run_id, config_to_dict, describe, help_field, load_config
 from stages.core.errors import StoreError, UserError
 
@@ -241,7 +241,7 @@ def _clear_uncommitted(out_uri: str) -> None:
         for tmp in root.glob("**/.*.tmp-*"):  # an atomic write cut short (store.write_bytes)
             tmp.unlink(missing_ok=True)
         for folder in sorted(root.glob("**/"), reverse=True):
-            working_state = folder.relative_to(root).parts[:1] == ("checkpoints",)
+            working_state = folder.relative_to(root).parts[:1] == (layout.CHECKPOINTS,)
             if not working_state and not any(folder.iterdir()):
                 folder.rmdir()
 

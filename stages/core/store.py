@@ -33,9 +33,9 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec
 
-from stages.core.errors import UserError
+from stages.core.errors import InputNotFound, UserError
 from stages.core.retries import client_options, tune_client_retries, with_retries
-from stages.core.uris import is_local, join, local_path
+from stages.core.uris import is_glob, is_local, join, local_path
 
 log = logging.getLogger(__name__)
 # Azure's SDK logs every request and its headers at INFO; the stages log at INFO.
@@ -176,20 +176,28 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 
 
-def expand(uri: str) -> list[str]:
-    """A file, every file under a folder, or every match of a glob; as full URIs, sorted."""
+def expand(uri: str, field: str = "uri") -> list[str]:
+    """The files an input URI names, as full URIs, sorted: the file itself, every file under a folder (at
+    any depth) or every file a glob matches; listed files whose names start with "." are left out.
+
+    A URI that names no file (nothing there, or a folder or glob without files) is :class:`InputNotFound`
+    naming ``field``. Not fsspec's ``expand_path``: that also returns folders, and the files inside the
+    folders a glob matches.
+    """
     fs, path = _fs(uri)
-    if any(c in path for c in "*?["):
-        matches = with_retries("list", uri, lambda: fs.glob(path))
-        files = [m for m in matches if not with_retries("check", uri, lambda m=m: fs.isdir(m))]
+    if is_glob(uri):
+        matches = with_retries("list", uri, lambda: fs.glob(path, detail=True))  # types come with the listing
+        listed = [m for m, info in matches.items() if info.get("type") != "directory"]
     elif with_retries("check", uri, lambda: fs.isdir(path)):
-        files = with_retries("list", uri, lambda: fs.find(path))
+        listed = with_retries("list", uri, lambda: fs.find(path))
     elif with_retries("check", uri, lambda: fs.exists(path)):
-        files = [path]
+        return [uri]
     else:
-        raise FileNotFoundError(uri)
-    names = [f for f in files if not f.rsplit("/", 1)[-1].startswith(".")]
-    return sorted(_rebase(uri, path, f) for f in names)
+        raise InputNotFound(f"{field}={uri!r} does not exist")
+    files = [f for f in listed if not f.rsplit("/", 1)[-1].startswith(".")]
+    if not files:
+        raise InputNotFound(f"{field}={uri!r} {'matches' if is_glob(uri) else 'holds'} no files")
+    return sorted(_rebase(uri, path, f) for f in files)
 
 
 def _rebase(uri: str, path: str, found: str) -> str:

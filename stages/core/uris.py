@@ -87,6 +87,11 @@ def is_uri(name: str) -> bool:
     return "://" in name or name.startswith(("/", "."))
 
 
+def is_glob(uri: str) -> bool:
+    """Whether ``uri`` is a pattern (``*``, ``?`` or ``[`` after the scheme) rather than one file or folder."""
+    return any(c in uri.partition("://")[2] for c in "*?[")
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 

@@ -32,11 +32,12 @@ def run_args(store: Store, run_id: str) -> list[str]:
     return [f"artifact_root={store.root}", f"run_id={run_id}", f"base_model={store.root}/runs/base/base_model/model"]
 
 
-# The fine-tuning chain, base model first; each entry: stage, run id, arguments.
+# The fine-tuning chain, base model first; each entry: stage, run id, arguments. Its inputs are a folder
+# (corpus_uri), a glob (input_uri) and a file (prompts_uri): every kind of input URI, on every store.
 CHAIN: list[tuple[str, str, Callable[[Store], list[str]]]] = [
     ("base_model", "base", lambda s: [f"artifact_root={s.root}", "run_id=base", f"corpus_uri={s.root}/data/base",
                                       *TINY_BASE]),
-    ("tokenize", "chain", lambda s: [*run_args(s, "chain"), f"input_uri={s.root}/data/folio", "block_size=32",
+    ("tokenize", "chain", lambda s: [*run_args(s, "chain"), f"input_uri={s.root}/data/folio/*.txt", "block_size=32",
                                      "min_chars=20"]),
     ("train_lora", "chain", lambda s: [*run_args(s, "chain"), *TRAIN]),
     ("evaluate", "chain", lambda s: [*run_args(s, "chain"), "max_eval_docs=8", "num_samples=1",

@@ -313,6 +313,20 @@ def test_expanded_uris_keep_the_spelling_of_the_uri_given(uri, path, found, expe
     assert store._rebase(uri, path, found) == expected
 
 
+def test_an_object_store_input_expands_like_a_local_one(mem):
+    for name in ("in/b.jsonl", "in/a.jsonl", "in/sub/c.jsonl", "in/.hidden.jsonl", "in/d.jsonl/x.jsonl"):
+        store.write_bytes(uris.join(mem, name), b"{}\n")
+    found = store.expand(uris.join(mem, "in/*.jsonl"))  # in/d.jsonl is a folder: matched, not a file
+    assert [f.rsplit("/in/", 1)[1] for f in found] == ["a.jsonl", "b.jsonl"]
+    assert [f.rsplit("/in/", 1)[1] for f in store.expand(uris.join(mem, "in"))] == [
+        "a.jsonl", "b.jsonl", "d.jsonl/x.jsonl", "sub/c.jsonl",
+    ]  # fmt: skip
+    assert store.expand(uris.join(mem, "in/a.jsonl")) == [uris.join(mem, "in/a.jsonl")]
+    for missing, message in (("in/*.parquet", "matches no files"), ("nope", "does not exist")):
+        with pytest.raises(UserError, match=f"prompts_uri=.* {message}"):
+            store.expand(uris.join(mem, missing), "prompts_uri")
+
+
 def test_hashing_streams_instead_of_reading_whole_files(mem, monkeypatch):
     uri = uris.join(mem, "big.bin")
     data = b"x" * (3 * store.CHUNK + 5)
