@@ -341,7 +341,7 @@ class TestUserErrors:
         ("override", "message"),
         [
             ("input_uri=/no/such/place.jsonl", "input_uri='file:///no/such/place.jsonl' does not exist"),
-            ("input_uri=/no/such/*.jsonl", "input_uri='file:///no/such/*.jsonl' does not exist (or holds no files)"),
+            ("input_uri=/no/such/*.jsonl", "input_uri='file:///no/such/*.jsonl' matches no files"),
             ("blok_size=64", "unknown config key 'blok_size'"),
             ("block_size=abc", "block_size='abc' must be an integer"),
             ("validation_fraction=1.5", "validation_fraction=1.5"),

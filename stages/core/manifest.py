@@ -55,13 +55,14 @@ def code_version(stage_file: str) -> dict[str, str]:
     return version
 
 
-def hash_input(uri: str) -> dict[str, Any]:
+def hash_input(uri: str, field: str = "uri") -> dict[str, Any]:
     """Content identity of one input: a committed stage output (or a folder or file inside one), a folder
     or glob of files, or one file.
 
     A committed stage output is identified by its manifest's output hashes, so downstream stages
     never re-read gigabytes to hash them, and never list it. Anything else is listed by
-    :func:`stages.core.store.expand`: a URI that names no file is :class:`~stages.core.errors.InputNotFound`.
+    :func:`stages.core.store.expand`: a URI that names no file is :class:`~stages.core.errors.InputNotFound`
+    naming ``field``.
     """
     covering = None if uris.is_glob(uri) else _covering_manifest(uri)
     if covering is not None:
@@ -72,7 +73,7 @@ def hash_input(uri: str) -> dict[str, Any]:
         if files:
             digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
             return {"uri": uri, "sha256": digest, "committed_by": committed["stage"], "files": len(files)}
-    files = store.expand(uri)
+    files = store.expand(uri, field)
     h = hashlib.sha256()
     for file in files:
         h.update(file.removeprefix(uri).encode())

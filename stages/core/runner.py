@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from stages.core import layout, manifest, store, uris
 from stages.core.config import check_run_id, config_to_dict, describe, help_field, load_config
-from stages.core.errors import StoreError, UserError
+from stages.core.errors import InputNotFound, StoreError, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143
@@ -132,7 +132,9 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
             input_hashes[field] = {"id": uri, "sha256": uri}
             continue
         try:
-            input_hashes[field] = manifest.hash_input(uris.normalize_uri(uri, field))
+            input_hashes[field] = manifest.hash_input(uris.normalize_uri(uri, field), field)
+        except InputNotFound:
+            raise  # names the field and says what is missing (nothing there, or a folder or glob with no files)
         except FileNotFoundError:
             raise UserError(f"{field}={uri!r} does not exist (or holds no files)") from None
     code = manifest.code_version(inspect.getsourcefile(work))
