@@ -50,6 +50,8 @@ def test_a_shipped_config_loads_with_its_stages_parser_and_its_header_launches_i
     # Unknown keys, wrong types and out-of-range values would raise ConfigError here.
     config = load_config(stage_config_class(stage), str(path), DATA.get(stage, []))
     assert config.run_id == yaml.safe_load(path.read_text())["run_id"]
+    # A local base model is a path ('./...'), which becomes a file:// URI: 'artifacts/...' would be a hub id.
+    assert getattr(config, "base_model", "file://").startswith("file://")
 
 
 def test_make_chain_runs_every_shipped_config():
