@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from genai_dags import local_airflow
+from tests.docker import conftest as docker_tier
 
 local_airflow.configure_for_tests()  # a throw-away AIRFLOW_HOME, before any test module imports airflow
 
@@ -87,3 +88,30 @@ def finetune_run(tiny_base_model: str, folio_corpus: Path, tmp_path_factory) -> 
     run_stage_cli("tokenize", *args, f"input_uri={folio_corpus}", "block_size=128", "min_chars=20")
     run_stage_cli("train_lora", *args, "max_steps=40", "learning_rate=2e-3", "checkpoint_every=20")
     return common
+
+
+# ---- The docker and cluster tiers: a Docker engine and the stage images (tests/docker/conftest.py) ----
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    problem = docker_tier.engine_problem()
+    if problem is None:
+        return
+    if os.environ.get("GENAI_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"GENAI_REQUIRE_DOCKER=1 but no Docker engine is reachable: {problem}")
+    pytest.skip(f"docker tier: no Docker engine reachable ({problem}); start one (dockerd) or run .ci/run")
+
+
+@pytest.fixture(scope="session")
+def stage_images(docker_engine) -> dict[str, str]:
+    """{image name: reference} of the stage images, built (or found up to date) by images/build.sh."""
+    env = docker_tier.build_env(IMAGES=" ".join(docker_tier.STAGE_IMAGES))
+    build = docker_tier.ROOT / "images/build.sh"
+    done = subprocess.run([build, "build"], cwd=docker_tier.ROOT, env=env, capture_output=True, text=True)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stderr[-5000:] + done.stdout[-3000:]
+    refs = subprocess.run(
+        [build, "list"], cwd=docker_tier.ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return dict(zip(docker_tier.STAGE_IMAGES, refs, strict=True))

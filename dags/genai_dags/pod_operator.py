@@ -112,6 +112,10 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
             k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi"))
         )
         mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+    if k.artifact_volume_claim:  # a shared file system at the artifact root's own path: URIs mean the same
+        claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=k.artifact_volume_claim)
+        volumes.append(k8s.V1Volume(name="artifacts", persistent_volume_claim=claim))
+        mounts.append(k8s.V1VolumeMount(name="artifacts", mount_path=settings.artifact_root.removeprefix("file://")))
     pool_name = stage.node_pool
     return {
         "node_pool": k.node_pools[pool_name],

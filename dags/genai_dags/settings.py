@@ -128,6 +128,11 @@ class KubernetesSettings(Section):
         description="each pool (`cpu`, `gpu-spot`, `gpu-on-demand`): what its pods select and tolerate",
     )
     labels: dict[LabelKey, str] = Field(default_factory=dict, description="extra pod labels")
+    # A shared file system (NFS, Filestore, EFS, Azure Files, a node's disk on a one-node cluster) instead
+    # of object storage: the claim is mounted in every stage pod at the artifact root's own path.
+    artifact_volume_claim: ObjectName | None = Field(
+        None, description="ReadWriteMany PVC mounted at `artifact_root` (then a path); none: object storage"
+    )
 
     @field_validator("node_pools")
     @classmethod
@@ -345,10 +350,17 @@ def parse(data: Any, source: str) -> PipelineSettings:
 
 def _runtime_problem(s: PipelineSettings) -> str | None:
     """What the chosen runtime cannot work with, in one sentence naming the key; None when all is well."""
-    if s.runtime == "kubernetes" and s.artifact_root.startswith("file://"):
+    claim = s.kubernetes.artifact_volume_claim
+    if s.runtime == "kubernetes" and s.artifact_root.startswith("file://") and not claim:
         return (
             f"artifact_root={s.artifact_root!r}: the kubernetes runtime needs shared object storage "
-            "(s3://, gs://, abfs://): each stage runs in its own pod"
+            "(s3://, gs://, abfs://) or a shared volume (kubernetes.artifact_volume_claim): each stage "
+            "runs in its own pod"
+        )
+    if s.runtime == "kubernetes" and claim and not s.artifact_root.startswith("file://"):
+        return (
+            f"kubernetes.artifact_volume_claim={claim!r} mounts a volume at artifact_root's path, but "
+            f"artifact_root={s.artifact_root!r} is object storage: remove one of the two"
         )
     if s.runtime == "kubernetes" and not s.kubernetes.node_pools["gpu-spot"].node_selector:
         return (

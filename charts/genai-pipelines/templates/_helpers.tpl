@@ -67,6 +67,7 @@ two in step).
   "runAsUser" (default 10001 (get $k "run_as_user"))
   "gpuResource" (default "nvidia.com/gpu" (get $k "gpu_resource"))
   "labels" (default dict (get $k "labels"))
+  "artifactVolumeClaim" (default "" (get $k "artifact_volume_claim"))
   "nodePools" $pools
   "stages" (default dict (get $parsed "stages"))
 -}}
