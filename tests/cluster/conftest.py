@@ -31,6 +31,7 @@ BED_SCRIPTS = ROOT / "tests" / "cluster" / "bed"
 BED_STATE = Path(os.environ.get("GENAI_BED_STATE", ROOT / "build" / "cluster-bed"))
 NODES = {"on-demand": "localhost", "spot": "k8sbed-node2"}
 STAGE_NAMESPACE = "genai-stages"
+SIDECAR_IMAGE = "localhost/xcom-sidecar:busybox"
 AIRFLOW_NAMESPACE = "airflow"
 
 
@@ -136,7 +137,9 @@ def cluster(stage_images) -> Cluster:
 
 
 def pods_left(cluster: Cluster, namespace: str = STAGE_NAMESPACE) -> list[str]:
-    return [p.metadata.name for p in cluster.core().list_namespaced_pod(namespace).items]
+    """Stage pods that still exist (the chart's test pod is kept on purpose)."""
+    pods = cluster.core().list_namespaced_pod(namespace, label_selector="app.kubernetes.io/name=genai-stage")
+    return [p.metadata.name for p in pods.items]
 
 
 def create(call, *args) -> None:
@@ -244,7 +247,8 @@ def platform(cluster, stage_images, tmp_path_factory) -> Platform:
     os.environ["AIRFLOW_CONN_GENAI_BED"] = json.dumps(
         {
             "conn_type": "kubernetes",
-            "extra": {"kube_config_path": str(worker), "xcom_sidecar_container_image": stage_images["stage-base"]},
+            # The bed's stand-in for the provider's alpine sidecar (tests/cluster/bed/Dockerfile.sidecar).
+            "extra": {"kube_config_path": str(worker), "xcom_sidecar_container_image": SIDECAR_IMAGE},
         }
     )
     return Platform(cluster, artifact_root, config, worker)

@@ -11,6 +11,7 @@ The same conf then runs with the local runtime; the outputs must agree as in the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -46,7 +47,8 @@ def finetune_conf(root: Path, name: str) -> dict:
         "train_data_uri": str(root / "data/folio"),
         "prompts_uri": str(root / "data/prompts.jsonl"),
         "tokenize": {"block_size": 64},
-        "train": {"rank": 4, "max_steps": 8, "batch_size": 8, "learning_rate": 0.003},
+        # Long enough (tens of seconds in a pod) for the preemption test to strike mid-training.
+        "train": {"rank": 4, "max_steps": 400, "batch_size": 8, "learning_rate": 0.003},
         "evaluate": {"max_eval_docs": 30, "min_relative_improvement": -1, "num_samples": 1, "sample_max_new_tokens": 8},
         "inference": {"max_new_tokens": 8},
     }
@@ -95,12 +97,16 @@ class PodWatch:
         core = cluster.core()
 
         def run() -> None:
-            for event in self._watch.stream(core.list_namespaced_pod, STAGE_NAMESPACE, timeout_seconds=3600):
-                pod = event["object"]
-                seen = self.pods.setdefault(pod.metadata.uid, {"name": pod.metadata.name})
-                seen["labels"] = dict(pod.metadata.labels or {})
-                seen["node"] = pod.spec.node_name or seen.get("node")
-                seen["priority_class"] = pod.spec.priority_class_name
+            stream = self._watch.stream(
+                core.list_namespaced_pod, STAGE_NAMESPACE, label_selector="app.kubernetes.io/name=genai-stage"
+            )
+            with contextlib.suppress(Exception):  # the stream ends when stop() closes it
+                for event in stream:
+                    pod = event["object"]
+                    seen = self.pods.setdefault(pod.metadata.uid, {"name": pod.metadata.name})
+                    seen["labels"] = dict(pod.metadata.labels or {})
+                    seen["node"] = pod.spec.node_name or seen.get("node")
+                    seen["priority_class"] = pod.spec.priority_class_name
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
@@ -165,3 +171,142 @@ def test_the_published_model_has_lineage_and_predictions(finetune, stage_images)
     assert stage_images["trainer"] in json.dumps(lineage)  # the image that trained it
     predictions = Path(finetune["results"]["batch_infer"]["output_uri"].removeprefix("file://"))
     assert list(predictions.rglob("*.jsonl"))
+
+
+# ---- Spot preemption, for real: the kubelet's SIGTERM on delete, and an eviction by a node drain ----
+
+
+def admin_request(cluster, method: str, path: str, body: dict) -> int:
+    """One raw apiserver call as the admin (the Python client only speaks policy/v1; 1.20 has v1beta1)."""
+    import requests
+
+    config = yaml.safe_load(cluster.admin_kubeconfig.read_text())
+    answer = requests.request(
+        method,
+        f"https://127.0.0.1:6443{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {config['users'][0]['user']['token']}"},
+        verify=config["clusters"][0]["cluster"]["certificate-authority"],
+        timeout=30,
+    )
+    assert answer.status_code < 300, answer.text
+    return answer.status_code
+
+
+class Preemptor:
+    """Strikes each spot try of train_lora once it trains: try 1 is deleted, try 2 evicted by a drain."""
+
+    def __init__(self, cluster) -> None:
+        import threading
+
+        self.cluster = cluster
+        self.core = cluster.core()
+        self.logs: dict[int, str] = {}  # try number -> the pod's whole log
+        self.nodes: dict[int, str] = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _train_pod(self, try_number: int, timeout: float = 600):
+        import time
+
+        deadline = time.monotonic() + timeout
+        selector = f"app.kubernetes.io/component=train-lora,try_number={try_number}"
+        while time.monotonic() < deadline:
+            pods = self.core.list_namespaced_pod(STAGE_NAMESPACE, label_selector=selector).items
+            if pods and pods[0].status.phase == "Running":
+                return pods[0]
+            time.sleep(0.3)
+        raise TimeoutError(f"no running train_lora pod for try {try_number}")
+
+    def _log(self, name: str) -> str | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            log = self.core.read_namespaced_pod_log(name, STAGE_NAMESPACE, container="base")
+        except ApiException:
+            return None  # gone
+        # Once the container is removed the kubelet answers "unable to retrieve container logs".
+        return log if "[train_lora]" in log else ""
+
+    def _strike(self, try_number: int, strike) -> None:
+        import time
+
+        pod = self._train_pod(try_number)
+        self.nodes[try_number] = pod.spec.node_name
+        while "tokens/s" not in (self._log(pod.metadata.name) or ""):  # a step was trained
+            time.sleep(0.2)
+        strike(pod)
+        while (log := self._log(pod.metadata.name)) is not None:  # until the kubelet has stopped it
+            self.logs[try_number] = max(log, self.logs.get(try_number, ""), key=len)
+            time.sleep(0.2)
+
+    def _drain(self, pod) -> None:
+        node = pod.spec.node_name
+        self.core.patch_node(node, {"spec": {"unschedulable": True}})  # cordon, then evict (kubectl drain)
+        eviction = {
+            "apiVersion": "policy/v1beta1",
+            "kind": "Eviction",
+            "metadata": {"name": pod.metadata.name, "namespace": STAGE_NAMESPACE},
+        }
+        path = f"/api/v1/namespaces/{STAGE_NAMESPACE}/pods/{pod.metadata.name}/eviction"
+        admin_request(self.cluster, "POST", path, eviction)
+
+    def _run(self) -> None:
+        try:
+            self._strike(1, lambda pod: self.core.delete_namespaced_pod(pod.metadata.name, STAGE_NAMESPACE))
+            self._strike(2, self._drain)
+            last = self._train_pod(3)
+            # The spot pool has capacity again (a new node, in a cloud) for the stages after training.
+            self.core.patch_node(NODES["spot"], {"spec": {"unschedulable": False}})
+            self.nodes[3] = last.spec.node_name
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join(timeout=60)
+        assert self.error is None, self.error
+
+
+def steps(log: str, pattern: str) -> list[int]:
+    import re
+
+    return [int(m) for m in re.findall(pattern, log)]
+
+
+@pytest.fixture(scope="module")
+def preempted(platform, finetune, tmp_path_factory) -> dict:
+    config = yaml.safe_load(platform.pipeline_config.read_text())
+    config["retries"] = 2  # tries 1 and 2 on spot, try 3 (the last) on on-demand
+    path = tmp_path_factory.mktemp("preemption") / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    preemptor = Preemptor(platform.cluster)
+    try:
+        run = local_airflow.run_dag("genai_finetune", finetune_conf(platform.artifact_root, "folio-preempted"), path)
+    finally:
+        platform.cluster.core().patch_node(NODES["spot"], {"spec": {"unschedulable": False}})  # uncordon
+    preemptor.join()
+    assert str(run.state) == "success", local_airflow.task_states(run)
+    return {"run": run, "preemptor": preemptor, "result": local_airflow.xcom(run, "train_lora")}
+
+
+def test_a_preempted_training_resumes_and_ends_bitwise_equal(preempted, finetune, platform):
+    preemptor = preempted["preemptor"]
+    assert preemptor.nodes == {1: NODES["spot"], 2: NODES["spot"], 3: NODES["on-demand"]}
+    redone = []
+    for try_number in (1, 2):
+        log = preemptor.logs[try_number]
+        assert "SIGTERM received" in log, log[-2000:]
+        saved = steps(log, r"checkpoint saved at step (\d+)")
+        assert saved, log[-2000:]
+        redone.append(saved[-1])
+    resumed = []
+    # Try 2 resumed from try 1's SIGTERM checkpoint; try 3 from try 2's (its log is in the task log).
+    resumed += steps(preemptor.logs[2], r"resumed from checkpoint at step (\d+)")
+    assert resumed == [redone[0]], (resumed, redone)  # no step trained twice
+    print(f"preemptions: SIGTERM checkpoints at steps {redone}; try 2 resumed at {resumed[0]} (0 steps redone)")
+    ours = Path(preempted["result"]["output_uri"].removeprefix("file://"))
+    uninterrupted = Path(finetune["results"]["train_lora"]["output_uri"].removeprefix("file://"))
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (ours / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    assert pods_left(platform.cluster) == []

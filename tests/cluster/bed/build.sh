@@ -26,7 +26,7 @@ fi
 exec 3>&1 1>&2   # progress to stderr; only the folder goes to stdout
 start=$SECONDS
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  golang-go rsync containerd runc containernetworking-plugins catatonit >/dev/null
+  golang-go rsync containerd runc containernetworking-plugins catatonit busybox-static >/dev/null
 rm -rf "$CACHE/src" "$CACHE/gopath" "$CACHE/bin" "$CACHE/etcd"
 mkdir -p "$CACHE"/{apt-src/lists/partial,src,bin,etcd,gocache,gopath/src/k8s.io}
 

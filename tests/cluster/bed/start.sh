@@ -18,7 +18,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=$("$HERE/build.sh")
 start=$SECONDS
-mkdir -p "$BED"/{logs,pids,cfg,node1,node2,cni/bin,cni/net.d,img/pause}
+mkdir -p "$BED"/{logs,pids,cfg,node1,node2,cni/bin,cni/net.d,img}
 BED=$(cd "$BED" && pwd)
 [ -f "$BED/pki/ca.crt" ] || BED="$BED" "$HERE/pki.sh" >"$BED/logs/pki.log" 2>&1
 P=$BED/pki
@@ -100,11 +100,17 @@ launch controller-manager "$BIN/bin/kube-controller-manager" $(cat "$BED/cfg/con
 set +f
 wait_for kube-controller-manager curl -skf https://127.0.0.1:10257/healthz
 
-# ---- the pod sandbox image: catatonit as pid 1, built once
-if ! docker image inspect localhost/pause:catatonit >/dev/null 2>&1; then
-  cp /usr/bin/catatonit "$HERE/Dockerfile.pause" "$BED/img/pause/"
-  docker build -q -t localhost/pause:catatonit -f "$BED/img/pause/Dockerfile.pause" "$BED/img/pause" >/dev/null
-fi
+# ---- images of the bed itself, built once: the pod sandbox (catatonit as pid 1), the XCom sidecar
+local_image() { # tag dockerfile binary
+  [ -x "$3" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq catatonit busybox-static >/dev/null
+  if ! docker image inspect "$1" >/dev/null 2>&1; then
+    rm -rf "$BED/img/$2" && mkdir -p "$BED/img/$2"
+    cp "$3" "$HERE/$2" "$HERE/pgrep" "$BED/img/$2/"
+    docker build -q -t "$1" -f "$BED/img/$2/$2" "$BED/img/$2" >/dev/null
+  fi
+}
+local_image localhost/pause:catatonit Dockerfile.pause /usr/bin/catatonit
+local_image localhost/xcom-sidecar:busybox Dockerfile.sidecar /bin/busybox
 
 # ---- nodes: containerd + kubelet each, in a private mount namespace of their own (start-node.sh)
 "$HERE/cgroups.sh" mk bed-node1
@@ -119,8 +125,8 @@ for n in 1 2; do
   wait_for "containerd $n" ctr -a "$BED/containerd$n/containerd.sock" version
 done
 # shellcheck disable=SC2086
-BED=$BED "$HERE/import-images.sh" localhost/pause:catatonit ${IMAGES:-}
-echo "images imported into both nodes ($((SECONDS - start)) s): localhost/pause:catatonit ${IMAGES:-}"
+BED=$BED "$HERE/import-images.sh" localhost/pause:catatonit localhost/xcom-sidecar:busybox ${IMAGES:-}
+echo "images imported into both nodes ($((SECONDS - start)) s): ${IMAGES:-}"
 wait_for "node localhost" node_ready localhost
 wait_for "node k8sbed-node2" node_ready k8sbed-node2
 for node in localhost k8sbed-node2; do
