@@ -13,7 +13,9 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.sdk.exceptions import AirflowException
 from kubernetes.client import models as k8s
+from kubernetes.client.exceptions import ApiException
 
+from genai_dags.pod_failures import StagePod, diagnose, refused_at_admission
 from genai_dags.settings import NodePool, PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import EXIT_USER_ERROR, StageUserError, container_environment, finish
 
@@ -32,17 +34,27 @@ class StagePodOperator(KubernetesPodOperator):
         node_pool: NodePool | None = None,
         fallback_node_pool: NodePool | None = None,
         stage_priority_class: str = "",
+        stage_pod: StagePod | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stage = stage
+        # What failure messages name (genai_dags.pod_failures): image, memory, node pool, timeouts.
+        self.stage_pod = stage_pod or StagePod(stage, kwargs.get("image") or "", "", "", {}, 0, "")
         self.stage_priority_class = stage_priority_class
         self.node_pool = node_pool or NodePool()
         # GPU stages: the pool that the last try uses when spot capacity keeps being reclaimed.
         self.fallback_node_pool = fallback_node_pool
 
     def execute(self, context: Any) -> Any:
-        result = super().execute(context)
+        try:
+            result = super().execute(context)
+        except ApiException as exc:  # the apiserver refused the pod: quota, LimitRange, RBAC
+            failure = refused_at_admission(exc, self.stage_pod, self.namespace)
+            if failure is None:
+                raise
+            self.log.error("%s", failure.message)
+            raise failure.exception() from None
         return finish(self.log, context, self.outlets, result) if isinstance(result, dict) else result
 
     def capacity_for_try(self, try_number: int) -> tuple[str, NodePool]:
@@ -70,6 +82,13 @@ class StagePodOperator(KubernetesPodOperator):
     def cleanup(
         self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None, context: Any = None
     ) -> None:
+        if remote_pod is not None and not self._killed:
+            # The copy the provider holds may predate the failure (a launch timeout, a lost sidecar):
+            # read what the scheduler and the kubelet recorded before the pod is deleted.
+            try:
+                remote_pod = self.pod_manager.read_pod(pod)
+            except ApiException:  # already gone: keep the provider's copy
+                self.log.debug("pod %s is gone; using the last copy read", pod.metadata.name)
         try:
             super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
         except AirflowException as exc:
@@ -78,7 +97,11 @@ class StagePodOperator(KubernetesPodOperator):
                     f"stage {self.stage} rejected its settings or input (exit 2, not retried); "
                     "the reason is in the pod log above"
                 ) from exc
-            raise
+            failure = diagnose(remote_pod, self.base_container_name, self.stage_pod)
+            if failure is None:
+                raise
+            self.log.error("%s", failure.message)
+            raise failure.exception() from exc
 
 
 def _exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
@@ -118,6 +141,15 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
         mounts.append(k8s.V1VolumeMount(name="artifacts", mount_path=settings.artifact_root.removeprefix("file://")))
     pool_name = stage.node_pool
     return {
+        "stage_pod": StagePod(
+            stage=stage.name,
+            image=stage.image,
+            memory=stage.memory,
+            node_pool=pool_name,
+            node_selector=dict(k.node_pools[pool_name].node_selector),
+            startup_timeout_seconds=k.startup_timeout_seconds,
+            scratch_size=k.scratch_size,
+        ),
         "node_pool": k.node_pools[pool_name],
         "fallback_node_pool": k.node_pools["gpu-on-demand"] if pool_name == "gpu-spot" else None,
         "stage_priority_class": stage.priority_class,
