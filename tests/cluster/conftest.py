@@ -136,10 +136,16 @@ def cluster(stage_images) -> Cluster:
     print(stopped.stdout[-2000:], stopped.stderr[-2000:])
 
 
-def pods_left(cluster: Cluster, namespace: str = STAGE_NAMESPACE) -> list[str]:
-    """Stage pods that still exist (the chart's test pod is kept on purpose)."""
-    pods = cluster.core().list_namespaced_pod(namespace, label_selector="app.kubernetes.io/name=genai-stage")
-    return [p.metadata.name for p in pods.items]
+def pods_left(cluster: Cluster, namespace: str = STAGE_NAMESPACE, wait: float = 60) -> list[str]:
+    """Stage pods that still exist once deletions have had ``wait`` seconds to finish (the chart's test pod
+    is kept on purpose). A deleted pod lingers until its kubelet has stopped its containers."""
+    deadline = time.monotonic() + wait
+    while True:
+        pods = cluster.core().list_namespaced_pod(namespace, label_selector="app.kubernetes.io/name=genai-stage")
+        names = [p.metadata.name for p in pods.items]
+        if not names or time.monotonic() > deadline:
+            return names
+        time.sleep(1)
 
 
 def create(call, *args) -> None:
@@ -251,4 +257,25 @@ def platform(cluster, stage_images, tmp_path_factory) -> Platform:
             "extra": {"kube_config_path": str(worker), "xcom_sidecar_container_image": SIDECAR_IMAGE},
         }
     )
+    from genai_dags import local_airflow
+
+    local_airflow.migrate()  # Airflow's metadata database, for the DAG runs of the tests
     return Platform(cluster, artifact_root, config, worker)
+
+
+def seed(root: Path, tiny_base_model: str, folio_corpus: Path) -> None:
+    """The inputs every run starts from: the base model and the data, inside the artifact root."""
+    if not (root / "base/model").exists():
+        shutil.copytree(tiny_base_model.removeprefix("file://"), root / "base/model")
+        shutil.copytree(folio_corpus, root / "data/folio")
+        prompts = (ROOT / "examples/prompts/folio-prompts.jsonl").read_text().splitlines()[:8]
+        (root / "data/prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    for path in [root, *root.rglob("*")]:  # the pods' uid writes beside these files
+        path.chmod(0o777 if path.is_dir() else 0o666)
+
+
+@pytest.fixture(scope="session")
+def bed_inputs(platform, tiny_base_model, folio_corpus) -> Path:
+    """The base model and the data in the bed's artifact root, where the stage pods read them."""
+    seed(platform.artifact_root, tiny_base_model, folio_corpus)
+    return platform.artifact_root

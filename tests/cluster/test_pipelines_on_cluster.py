@@ -14,30 +14,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from genai_dags import local_airflow
-from tests.cluster.conftest import NODES, STAGE_NAMESPACE, pods_left
-from tests.docker.conftest import ROOT
+from tests.cluster.conftest import NODES, STAGE_NAMESPACE, pods_left, seed
 
 pytestmark = pytest.mark.cluster
 STAGE_TASKS = ["tokenize", "train_lora", "evaluate", "batch_infer", "publish"]
 REL_TOL = 1e-3  # the images' Python and libraries are built differently from the host's (docker tier)
-
-
-def seed(root: Path, tiny_base_model: str, folio_corpus: Path) -> None:
-    """The inputs every run starts from: the base model and the data, inside the artifact root."""
-    if not (root / "base/model").exists():
-        shutil.copytree(tiny_base_model.removeprefix("file://"), root / "base/model")
-        shutil.copytree(folio_corpus, root / "data/folio")
-        prompts = (ROOT / "examples/prompts/folio-prompts.jsonl").read_text().splitlines()[:8]
-        (root / "data/prompts.jsonl").write_text("\n".join(prompts) + "\n")
-    for path in [root, *root.rglob("*")]:  # the pods' uid writes beside these files
-        path.chmod(0o777 if path.is_dir() else 0o666)
 
 
 def finetune_conf(root: Path, name: str) -> dict:
@@ -117,11 +104,9 @@ class PodWatch:
 
 
 @pytest.fixture(scope="module")
-def finetune(platform, tiny_base_model, folio_corpus, tmp_path_factory) -> dict:
-    seed(platform.artifact_root, tiny_base_model, folio_corpus)
+def finetune(platform, bed_inputs, tiny_base_model, folio_corpus, tmp_path_factory) -> dict:
     conf = finetune_conf(platform.artifact_root, "folio-cluster")
     watch = PodWatch(platform.cluster)
-    local_airflow.migrate()
     run = local_airflow.run_dag("genai_finetune", conf, platform.pipeline_config)
     pods = watch.stop()
     states = local_airflow.task_states(run)

@@ -1,0 +1,86 @@
+"""Failures that only a cluster produces, each classified and messaged (genai_dags.pod_failures).
+
+Each case runs genai_finetune under a copy of the bed's pipeline config with one setting made wrong (or
+with a ResourceQuota that is full); its first task, tokenize, fails. The table the test prints (cause ->
+task outcome -> tries used -> message) is the one in the issue's closing note.
+
+    make test-cluster
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from genai_dags import local_airflow
+from tests.cluster.conftest import STAGE_NAMESPACE, pods_left
+from tests.cluster.test_pipelines_on_cluster import finetune_conf
+
+pytestmark = pytest.mark.cluster
+RETRIES = 2
+
+
+def failing_run(platform, tmp_path, capfd, change) -> tuple[str, int, str]:
+    """Run the DAG with ``change`` applied to the bed config: tokenize's state, tries used, and the log."""
+    config = yaml.safe_load(platform.pipeline_config.read_text())
+    config["retries"] = RETRIES
+    change(config)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = local_airflow.run_dag("genai_finetune", finetune_conf(platform.artifact_root, "folio-failing"), path)
+    assert str(run.state) == "failed"
+    ti = next(t for t in run.get_task_instances() if t.task_id == "tokenize")
+    out, err = capfd.readouterr()
+    return str(ti.state), ti.try_number, out + err
+
+
+def stage_setting(stage: str, **values):
+    def change(config: dict) -> None:
+        config.setdefault("stages", {}).setdefault(stage, {}).update(values)
+
+    return change
+
+
+CASES = {
+    "image missing": (stage_setting("tokenize", image="ghcr.io/genai-pipelines/stages/nope:0"), 1, "cannot be used"),
+    "OOMKilled": (stage_setting("tokenize", memory="48Mi"), 1, "OOMKilled"),
+    "LimitRange": (stage_setting("tokenize", memory="8Gi"), 1, "LimitRange"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_cluster_failure_fails_with_its_message(case, platform, bed_inputs, tmp_path, capfd):
+    change, tries, words = CASES[case]
+    state, used, log = failing_run(platform, tmp_path, capfd, change)
+    assert state == "failed" and used == tries, (case, state, used)
+    message = next((line for line in log.splitlines() if words in line and "stage tokenize" in line), None)
+    assert message, log[-3000:]
+    print(f"| {case} | failed | {used} of {RETRIES + 1} | {message[-300:]} |")
+    assert pods_left(platform.cluster) == []
+
+
+def test_a_full_quota_is_named_and_retried(platform, bed_inputs, tmp_path, capfd):
+    from kubernetes import client
+
+    core = platform.cluster.core()
+    full = client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="full"), spec=client.V1ResourceQuotaSpec(hard={"pods": "0"})
+    )
+    core.create_namespaced_resource_quota(STAGE_NAMESPACE, full)
+    try:
+        state, used, log = failing_run(platform, tmp_path, capfd, lambda config: None)
+    finally:
+        core.delete_namespaced_resource_quota("full", STAGE_NAMESPACE)
+    assert state == "failed" and used == RETRIES + 1
+    assert "exceeded quota: full" in log and "resourceQuota.hard" in log, log[-3000:]
+
+
+def test_an_unschedulable_pod_names_its_pool(platform, bed_inputs, tmp_path, capfd):
+    def no_such_pool(config: dict) -> None:
+        config["retries"] = 0  # each try waits the startup timeout (60 s)
+        config["kubernetes"]["node_pools"]["cpu"]["node_selector"] = {"cloud.google.com/gke-nodepool": "absent"}
+
+    state, used, log = failing_run(platform, tmp_path, capfd, no_such_pool)
+    assert state == "failed" and used == 1
+    assert "no node of pool cpu (selector cloud.google.com/gke-nodepool=absent)" in log, log[-3000:]
+    assert "didn't match" in log  # the scheduler's own words
