@@ -350,6 +350,13 @@ class LoRARecipe:
         adapter_dir = run.scratch / layout.ADAPTER
         self.model.peft_config["default"].base_model_name_or_path = config.base_model
         self.model.save_pretrained(adapter_dir)
+        # PEFT keeps target_modules as a set, so its order in the JSON changes with each process's hash
+        # seed: sorted, the same training writes the same bytes (a resumed run equals an uninterrupted one).
+        config_file = adapter_dir / layout.ADAPTER_CONFIG
+        adapter_config = json.loads(config_file.read_text())
+        if isinstance(adapter_config.get("target_modules"), list):
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+        config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         (adapter_dir / layout.TRAINING_BASE).write_text(
             json.dumps({"base_model": config.base_model, "sha256": run.inputs["base_model"]["sha256"]}, indent=2)
         )

@@ -114,6 +114,9 @@ def test_sigterm_checkpoints_exits_143_and_resumes(finetune_run, reference_adapt
     rerun = run_stage_cli("train_lora", *train_args(finetune_run, "resume-sigterm"))
     assert f"resumed from checkpoint at step {stopped_at}" in rerun.stderr
     assert (out / "adapter/adapter_model.safetensors").read_bytes() == reference_adapter
+    # The whole adapter, its config too: PEFT's set of target modules is written in one order.
+    reference_config = stage_dir(finetune_run, "resume-reference") / "adapter/adapter_config.json"
+    assert (out / "adapter/adapter_config.json").read_bytes() == reference_config.read_bytes()
 
 
 @pytest.mark.integration

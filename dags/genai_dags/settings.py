@@ -218,7 +218,7 @@ class PipelineSettings(BaseModel):
     artifact_root: NonEmpty = Field(
         "./artifacts",
         description="URI of every run's artifacts; plain paths are relative to `local.workdir`; "
-        "`kubernetes` needs `s3://`, `gs://` or `abfs://`",
+        "`kubernetes` needs `s3://`, `gs://`, `abfs://` or `kubernetes.artifact_volume_claim`",
     )
     owner: NonEmpty = Field("genai-platform", description="DAG owner")
     allowed_uri_schemes: tuple[Literal[URI_SCHEMES], ...] = Field(

@@ -28,7 +28,13 @@ import yaml
 from tests.docker.conftest import ROOT, engine_problem
 
 BED_SCRIPTS = ROOT / "tests" / "cluster" / "bed"
-BED_STATE = Path(os.environ.get("GENAI_BED_STATE", ROOT / "build" / "cluster-bed"))
+# The bed's state (certificates, each node's containerd with the imported images, logs, the shared
+# artifact folder) lives beside the cached binaries, outside any clone: a fresh clone imports only the
+# image layers that changed.
+BED_STATE = Path(
+    os.environ.get("GENAI_BED_STATE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genai-pipelines" / "k8s-bed" / "state"
+)
 NODES = {"on-demand": "localhost", "spot": "k8sbed-node2"}
 STAGE_NAMESPACE = "genai-stages"
 SIDECAR_IMAGE = "localhost/xcom-sidecar:busybox"
@@ -134,6 +140,9 @@ def cluster(stage_images) -> Cluster:
     yield Cluster(BED_STATE)
     stopped = _bed("stop")
     print(stopped.stdout[-2000:], stopped.stderr[-2000:])
+    # Nothing left behind: every recorded process stopped, every mount under the bed undone.
+    assert not list((BED_STATE / "pids").glob("*.pid")), stopped.stdout[-2000:]
+    assert "; 0 mounts left under" in stopped.stdout, stopped.stdout[-2000:]
 
 
 def pods_left(cluster: Cluster, namespace: str = STAGE_NAMESPACE, wait: float = 60) -> list[str]:

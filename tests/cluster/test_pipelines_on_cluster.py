@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,7 @@ class PodWatch:
         from kubernetes import watch
 
         self.pods: dict[str, dict] = {}
+        self.since = datetime.now(UTC) - timedelta(seconds=1)  # not the last run's terminating pods
         self._watch = watch.Watch()
         core = cluster.core()
 
@@ -90,6 +92,8 @@ class PodWatch:
             with contextlib.suppress(Exception):  # the stream ends when stop() closes it
                 for event in stream:
                     pod = event["object"]
+                    if pod.metadata.creation_timestamp < self.since:
+                        continue
                     seen = self.pods.setdefault(pod.metadata.uid, {"name": pod.metadata.name})
                     seen["labels"] = dict(pod.metadata.labels or {})
                     seen["node"] = pod.spec.node_name or seen.get("node")
@@ -120,7 +124,7 @@ def finetune(platform, bed_inputs, tiny_base_model, folio_corpus, tmp_path_facto
     local_run = local_airflow.run_dag("genai_finetune", finetune_conf(local_root, "folio-cluster"), config)
     assert str(local_run.state) == "success", local_airflow.task_states(local_run)
     local = {task: local_airflow.xcom(local_run, task) for task in STAGE_TASKS}
-    return {"results": results, "local": local, "pods": pods}
+    return {"results": results, "local": local, "pods": pods, "local_root": local_root, "local_config": config}
 
 
 def test_every_stage_ran_as_a_pod_on_its_node_pool(finetune, platform):
@@ -294,4 +298,44 @@ def test_a_preempted_training_resumes_and_ends_bitwise_equal(preempted, finetune
     uninterrupted = Path(finetune["results"]["train_lora"]["output_uri"].removeprefix("file://"))
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
         assert (ours / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    assert pods_left(platform.cluster) == []
+
+
+# ---- Batch inference: the published model's shards as mapped pods, merged like the local runtime's ----
+
+
+def test_batch_inference_shards_run_as_pods_and_merge_like_the_local_runtime(finetune, platform):
+    def batch_conf(result: dict, root: Path) -> dict:
+        return {
+            "model_name": "folio-cluster",
+            "version": result["metrics"]["version"],
+            "prompts_uri": str(root / "data/prompts.jsonl"),
+            "records_per_shard": 2,
+            "max_shards": 4,
+            "inference": {"max_new_tokens": 8},
+        }
+
+    watch = PodWatch(platform.cluster)
+    conf = batch_conf(finetune["results"]["publish"], platform.artifact_root)
+    run = local_airflow.run_dag("genai_batch_inference", conf, platform.pipeline_config)
+    pods = watch.stop()
+    assert str(run.state) == "success", local_airflow.task_states(run)
+    shards = [p for p in pods if p["labels"]["app.kubernetes.io/component"] == "batch-infer"]
+    assert len(shards) == 4 and {p["node"] for p in shards} == {NODES["spot"]}, shards
+    local_root = finetune["local_root"]
+    local_run = local_airflow.run_dag(
+        "genai_batch_inference", batch_conf(finetune["local"]["publish"], local_root), finetune["local_config"]
+    )
+    assert str(local_run.state) == "success", local_airflow.task_states(local_run)
+
+    def predictions(run) -> list[dict]:
+        merged = local_airflow.xcom(run, "merge_predictions")
+        assert merged["metrics"]["records"] == 8 and merged["metrics"]["shards"] == 4
+        lines = (Path(merged["output_uri"].removeprefix("file://")) / "predictions.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k in ("id", "prompt", "completion")} for line in lines]
+
+    ours, theirs = predictions(run), predictions(local_run)
+    prompts = (platform.artifact_root / "data/prompts.jsonl").read_text().splitlines()
+    assert [p["id"] for p in ours] == [json.loads(line)["id"] for line in prompts]  # merged in order
+    assert ours == theirs
     assert pods_left(platform.cluster) == []
