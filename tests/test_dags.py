@@ -459,6 +459,11 @@ BAD_CONFIGS = [
     ("bad-scheme", "artifact_root: ftp://host/x\n", "artifact_root='ftp://host/x' uses scheme 'ftp'"),
     ("kubernetes-on-local-disk", "runtime: kubernetes\nartifact_root: /data\n", "needs shared object storage"),
     (
+        "volume-claim-with-object-storage",
+        "runtime: kubernetes\nartifact_root: s3://b/x\nkubernetes: {artifact_volume_claim: shared}\n",
+        "kubernetes.artifact_volume_claim='shared' mounts a volume at artifact_root's path",
+    ),
+    (
         "kubernetes-without-spot-selector",
         "runtime: kubernetes\nartifact_root: s3://b/x\n",
         "kubernetes.node_pools.gpu-spot.node_selector is empty",

@@ -456,3 +456,19 @@ def test_exit_2_fails_without_retry_and_other_failures_retry_and_the_pod_is_dele
         op.cleanup(pod, pod, context=context)
     assert isinstance(exc.value, AirflowFailException) is (not retried)
     assert any(method == "DELETE" and pod.metadata.name in path for method, path, _ in fake_api.calls)
+
+
+def test_a_shared_volume_claim_is_mounted_at_the_artifact_roots_own_path(monkeypatch):
+    """values/bed (the cluster tier's cluster): a file artifact root reaches every pod through its claim."""
+    monkeypatch.setenv("AIRFLOW_CONN_GENAI_BED", '{"conn_type": "kubernetes", "extra": {}}')  # its connection
+    config = settings.load_file(ROOT / "values" / "bed" / "pipeline.yaml")
+    root = config.artifact_root.removeprefix("file://")
+    for name, pod in render_pods.render_all(ROOT / "values" / "bed" / "pipeline.yaml").items():
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        assert claims == {"artifacts": "genai-artifacts"}, name
+        assert {"name": "artifacts", "mountPath": root} in base_container(pod)["volumeMounts"], name
+        assert root in " ".join(base_container(pod)["args"]), name  # the URIs name that same path
