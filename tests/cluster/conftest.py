@@ -29,12 +29,10 @@ from tests.docker.conftest import ROOT, engine_problem
 
 BED_SCRIPTS = ROOT / "tests" / "cluster" / "bed"
 # The bed's state (certificates, each node's containerd with the imported images, logs, the shared
-# artifact folder) lives beside the cached binaries, outside any clone: a fresh clone imports only the
-# image layers that changed.
-BED_STATE = Path(
-    os.environ.get("GENAI_BED_STATE")
-    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genai-pipelines" / "k8s-bed" / "state"
-)
+# artifact folder) lives outside any clone, so a fresh clone imports only the image layers that changed;
+# not under a home folder: the artifact folder is mounted at its own path in pods whose user (uid 10001)
+# must be able to traverse that path's parents in the image (the images' /root is private).
+BED_STATE = Path(os.environ.get("GENAI_BED_STATE") or "/var/tmp/genai-pipelines/k8s-bed")
 NODES = {"on-demand": "localhost", "spot": "k8sbed-node2"}
 STAGE_NAMESPACE = "genai-stages"
 SIDECAR_IMAGE = "localhost/xcom-sidecar:busybox"
