@@ -458,9 +458,14 @@ def test_exit_2_fails_without_retry_and_other_failures_retry_and_the_pod_is_dele
     assert any(method == "DELETE" and pod.metadata.name in path for method, path, _ in fake_api.calls)
 
 
+# values/bed reaches its cluster through this Airflow connection; rendering a pod reads it (the provider
+# looks up the XCom sidecar image there).
+BED_CONNECTION = '{"conn_type": "kubernetes", "extra": {}}'
+
+
 def test_a_shared_volume_claim_is_mounted_at_the_artifact_roots_own_path(monkeypatch):
     """values/bed (the cluster tier's cluster): a file artifact root reaches every pod through its claim."""
-    monkeypatch.setenv("AIRFLOW_CONN_GENAI_BED", '{"conn_type": "kubernetes", "extra": {}}')  # its connection
+    monkeypatch.setenv("AIRFLOW_CONN_GENAI_BED", BED_CONNECTION)
     config = settings.load_file(ROOT / "values" / "bed" / "pipeline.yaml")
     root = config.artifact_root.removeprefix("file://")
     for name, pod in render_pods.render_all(ROOT / "values" / "bed" / "pipeline.yaml").items():

@@ -267,7 +267,8 @@ def platform(cluster, stage_images, tmp_path_factory) -> Platform:
     from genai_dags import local_airflow
 
     local_airflow.migrate()  # Airflow's metadata database, for the DAG runs of the tests
-    return Platform(cluster, artifact_root, config, worker)
+    yield Platform(cluster, artifact_root, config, worker)
+    os.environ.pop("AIRFLOW_CONN_GENAI_BED", None)  # the other tiers run without it
 
 
 def seed(root: Path, tiny_base_model: str, folio_corpus: Path) -> None:

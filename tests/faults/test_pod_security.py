@@ -25,11 +25,13 @@ KUBERNETES_CONFIGS = sorted(
 
 
 def test_every_kubernetes_config_is_one_test_pods_knows():
-    assert {p.parent.name for p in KUBERNETES_CONFIGS} == set(test_pods.CLOUDS)
+    # values/bed is the cluster tier's own cluster (tests/cluster); test_pods checks its shared volume.
+    assert {p.parent.name for p in KUBERNETES_CONFIGS} == {*test_pods.CLOUDS, "bed"}
 
 
 @pytest.mark.parametrize("config", KUBERNETES_CONFIGS, ids=[p.parent.name for p in KUBERNETES_CONFIGS])
-def test_every_pod_of_every_try_is_hardened(config):
+def test_every_pod_of_every_try_is_hardened(config, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_GENAI_BED", test_pods.BED_CONNECTION)  # values/bed names this connection
     cloud = config.parent.name
     last_try = settings.load_file(config).retries + 1
     for try_number in (1, last_try):
