@@ -84,19 +84,3 @@ def test_an_unschedulable_pod_names_its_pool(platform, bed_inputs, tmp_path, cap
     assert state == "failed" and used == 1
     assert "no node of pool cpu (selector cloud.google.com/gke-nodepool=absent)" in log, log[-3000:]
     assert "didn't match" in log  # the scheduler's own words
-
-
-def test_scratch_over_its_size_limit_is_evicted_and_retried(platform, bed_inputs, tmp_path, capfd):
-    config = yaml.safe_load(platform.pipeline_config.read_text())
-    config["retries"] = RETRIES
-    config["kubernetes"]["scratch_size"] = "1Ki"  # the kubelet checks emptyDir usage every 10 s
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run = local_airflow.run_dag("genai_finetune", finetune_conf(platform.artifact_root, "folio-evicted"), path)
-    log = "".join(capfd.readouterr())
-    assert str(run.state) == "failed"
-    failed = [t for t in run.get_task_instances() if str(t.state) == "failed"]
-    assert len(failed) == 1 and failed[0].try_number == RETRIES + 1, [(t.task_id, t.try_number) for t in failed]
-    message = next((line for line in log.splitlines() if "the kubelet evicted its pod" in line), None)
-    assert message and "kubernetes.scratch_size (now 1Ki)" in message, log[-3000:]
-    print(f"| emptyDir over its sizeLimit | failed ({failed[0].task_id}) | {RETRIES + 1} | {message[-300:]} |")
