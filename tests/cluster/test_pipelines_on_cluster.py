@@ -22,6 +22,7 @@ import yaml
 
 from genai_dags import local_airflow
 from tests.cluster.conftest import NODES, STAGE_NAMESPACE, pods_left, seed
+from tests.docker.conftest import numbers
 
 pytestmark = pytest.mark.cluster
 STAGE_TASKS = ["tokenize", "train_lora", "evaluate", "batch_infer", "publish"]
@@ -54,16 +55,6 @@ def local_config(path: Path, root: Path) -> Path:
         )
     )
     return path
-
-
-def numbers(value, prefix: str = "") -> dict[str, float]:
-    if isinstance(value, bool) or value is None:
-        return {}
-    if isinstance(value, int | float):
-        return {prefix: float(value)}
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in numbers(item, f"{prefix}.{key}").items()}
-    return {}
 
 
 def stage_files(result: dict) -> dict[str, bytes]:

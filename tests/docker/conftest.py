@@ -31,3 +31,14 @@ def engine_problem() -> str | None:
 
 def build_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "DOCKER": DOCKER, **extra}
+
+
+def numbers(value, prefix: str = "") -> dict[str, float]:
+    """Every number in a stage's metrics, by dotted key: what the runtimes' outputs are compared on."""
+    if isinstance(value, bool) or value is None:
+        return {}
+    if isinstance(value, int | float):
+        return {prefix: float(value)}
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in numbers(item, f"{prefix}.{key}").items()}
+    return {}

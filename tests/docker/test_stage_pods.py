@@ -31,7 +31,7 @@ import yaml
 
 from genai_dags import render_pods
 from genai_dags.settings import load_file
-from tests.docker.conftest import ROOT, docker
+from tests.docker.conftest import ROOT, docker, numbers
 
 pytestmark = pytest.mark.docker
 
@@ -157,16 +157,6 @@ def stage_dir(result: dict, root: Path, mounted_as: str) -> Path:
 
 def files(folder: Path) -> dict[str, Path]:
     return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def numbers(value, prefix: str = "") -> dict[str, float]:
-    if isinstance(value, bool) or value is None:
-        return {}
-    if isinstance(value, int | float):
-        return {prefix: float(value)}
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in numbers(item, f"{prefix}.{key}").items()}
-    return {}
 
 
 def test_every_stage_ran_in_its_image_with_the_pod_command(pods, stage_images):
