@@ -458,6 +458,34 @@ def test_exit_2_fails_without_retry_and_other_failures_retry_and_the_pod_is_dele
     assert any(method == "DELETE" and pod.metadata.name in path for method, path, _ in fake_api.calls)
 
 
+@pytest.mark.parametrize(("reason", "statuses"), [("DeadlineExceeded", "running"), ("Evicted", None)])
+def test_a_pod_that_has_ended_runs_no_container_whatever_its_last_statuses_say(fake_api, reason, statuses):
+    """After a deadline the kubelet leaves the statuses "running"; after an eviction it may leave none."""
+    from kubernetes.client import ApiClient
+    from kubernetes.client import models as k8s
+
+    op, _ = trainer_against(fake_api)
+    running = k8s.V1ContainerState(running=k8s.V1ContainerStateRunning())
+    pod = k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name="genai-train-lora-ended", namespace="genai-stages"),
+        status=k8s.V1PodStatus(
+            phase="Failed",
+            reason=reason,
+            container_statuses=statuses
+            and [
+                k8s.V1ContainerStatus(name=n, image="x", image_id="", ready=False, restart_count=0, state=running)
+                for n in ("base", "airflow-xcom-sidecar")
+            ],
+        ),
+    )
+    fake_api.pods[pod.metadata.name] = ApiClient().sanitize_for_serialization(pod)
+    for container in ("base", "airflow-xcom-sidecar"):
+        assert not op.pod_manager.container_is_running(pod, container)
+        assert op.pod_manager.container_is_terminated(pod, container)
+    fake_api.pods[pod.metadata.name]["status"]["phase"] = "Running"  # the same statuses on a live pod
+    assert op.pod_manager.container_is_running(pod, "base") is (statuses == "running")
+
+
 # values/bed reaches its cluster through this Airflow connection; rendering a pod reads it (the provider
 # looks up the XCom sidecar image there).
 BED_CONNECTION = '{"conn_type": "kubernetes", "extra": {}}'

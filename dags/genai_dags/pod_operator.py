@@ -8,9 +8,12 @@ tolerations, resources) comes from the pipeline config; see ``dags/README.md``.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.utils.container import container_is_running, container_is_terminated
+from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
 from airflow.sdk.exceptions import AirflowException
 from kubernetes.client import models as k8s
 from kubernetes.client.exceptions import ApiException
@@ -22,6 +25,28 @@ from genai_dags.stage_contract import EXIT_USER_ERROR, StageUserError, container
 
 def _tolerations(pool: NodePool) -> list[k8s.V1Toleration]:
     return [k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in pool.tolerations]
+
+
+class StagePodManager(PodManager):
+    """The provider's PodManager, told that a pod which has ended has no running container.
+
+    Once a pod's phase is Failed or Succeeded (evicted, past its activeDeadlineSeconds) the kubelet stops
+    its containers but may leave their last statuses as they were: still "running" after a deadline, none
+    at all after an eviction. The provider would then follow the logs of a stopped container forever, or
+    wait 15 minutes for the XCom sidecar to start. The pod's phase decides instead.
+    """
+
+    def container_is_running(self, pod: k8s.V1Pod, container_name: str) -> bool:
+        remote_pod = self.read_pod(pod)
+        return not _ended(remote_pod) and container_is_running(pod=remote_pod, container_name=container_name)
+
+    def container_is_terminated(self, pod: k8s.V1Pod, container_name: str) -> bool:
+        remote_pod = self.read_pod(pod)
+        return _ended(remote_pod) or container_is_terminated(pod=remote_pod, container_name=container_name)
+
+
+def _ended(remote_pod: k8s.V1Pod) -> bool:
+    return bool(remote_pod.status) and remote_pod.status.phase in ("Failed", "Succeeded")
 
 
 class StagePodOperator(KubernetesPodOperator):
@@ -78,6 +103,10 @@ class StagePodOperator(KubernetesPodOperator):
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
         pod.metadata.labels["genai-pipelines.io/capacity"] = capacity
         return pod
+
+    @cached_property
+    def pod_manager(self) -> PodManager:
+        return StagePodManager(kube_client=self.client, callbacks=self.callbacks)
 
     def cleanup(
         self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None, context: Any = None

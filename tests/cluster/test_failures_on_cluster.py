@@ -9,8 +9,11 @@ task outcome -> tries used -> message) is the one in the issue's closing note.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from genai_dags import local_airflow
 from tests.cluster.conftest import STAGE_NAMESPACE, pods_left
@@ -84,3 +87,47 @@ def test_an_unschedulable_pod_names_its_pool(platform, bed_inputs, tmp_path, cap
     assert state == "failed" and used == 1
     assert "no node of pool cpu (selector cloud.google.com/gke-nodepool=absent)" in log, log[-3000:]
     assert "didn't match" in log  # the scheduler's own words
+
+
+def stage_alone(platform, tmp_path, stage: str, script: str, change=lambda config: None, **attributes) -> Exception:
+    """Run one stage task's operator by itself, its container running ``script``: the error it raises."""
+    from genai_dags.render_pods import FakeTaskInstance
+
+    config = yaml.safe_load(platform.pipeline_config.read_text())
+    change(config)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    dag = local_airflow.load_dag("genai_finetune", path)
+    op = copy.deepcopy(dag.get_task(stage))
+    op.cmds, op.arguments = ["python", "-c", script], []
+    for name, value in attributes.items():
+        setattr(op, name, value)
+    ti = FakeTaskInstance(dag_id=dag.dag_id, task_id=op.task_id)
+    context = {"ti": ti, "task_instance": ti, "dag": dag, "run_id": ti.run_id, "params": {}, "task": op}
+    with pytest.raises(AirflowException) as failure:
+        op.execute(context)
+    assert pods_left(platform.cluster) == []
+    return failure.value
+
+
+def test_scratch_over_its_size_limit_is_evicted_and_retried(platform, tmp_path):
+    def tiny_scratch(config: dict) -> None:
+        config["kubernetes"]["scratch_size"] = "1Ki"  # the kubelet checks emptyDir usage every 10 s
+
+    fill = "import time; open('/tmp/fill', 'wb').write(bytes(1 << 20)); time.sleep(600)"
+    error = stage_alone(platform, tmp_path, "evaluate", fill, tiny_scratch)
+    # Evicted pods keep no container statuses: the provider alone would wait 15 minutes for the XCom sidecar.
+    assert not isinstance(error, AirflowFailException), error  # retried as infrastructure
+    assert "the kubelet evicted its pod" in str(error) and "exceeds the limit" in str(error), error
+    assert "kubernetes.scratch_size (now 1Ki)" in str(error)
+    print(f"| emptyDir over its sizeLimit | failed (evaluate) | retried | {str(error)[-300:]} |")
+
+
+def test_a_pod_past_its_active_deadline_is_stopped_and_retried(platform, tmp_path):
+    """The pod's deadline (the stage's timeout plus its startup timeout) backs up Airflow's own timeout when
+    the worker dies; here it is cut to seconds."""
+    sleep = "import time; time.sleep(600)"
+    error = stage_alone(platform, tmp_path, "train_lora", sleep, active_deadline_seconds=15)
+    assert not isinstance(error, AirflowFailException), error  # retried: training resumes from its checkpoint
+    assert "reached its activeDeadlineSeconds" in str(error) and "stages.train_lora.timeout_minutes" in str(error)
+    print(f"| activeDeadlineSeconds | failed (train_lora) | retried | {str(error)[-300:]} |")
