@@ -180,8 +180,8 @@ airflow: install
 
 # Standard library only: works without the virtual environment, against any Airflow 3 API server.
 trigger:
-	@test -n "$(CONF)" || { echo "usage: make trigger CONF=examples/finetune-demo.json [DAG=...] [AIRFLOW_URL=...]"; exit 2; }
-	PYTHONPATH=dags $(PYTHON) -m genai_dags.trigger "$(CONF)" --dag "$(DAG)" --url "$(AIRFLOW_URL)"
+	@test -n "$(CONF)" || { echo "usage: make trigger CONF=examples/finetune-demo.json [DAG=...] [AIRFLOW_URL=...] [WAIT=1]"; exit 2; }
+	PYTHONPATH=dags $(PYTHON) -m genai_dags.trigger "$(CONF)" --dag "$(DAG)" --url "$(AIRFLOW_URL)" $(if $(WAIT),--wait)
 
 # ---- Benchmarks (bench/; the table goes to docs/benchmarks.md) ----
 #   make bench          every stage vs its baseline, side by side, on CPU (under 10 minutes on 2 cores)

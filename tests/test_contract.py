@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,8 @@ def echo(config: EchoConfig, run) -> dict:
             raise UserError("source has a problem the user must fix")
         if config.fail_with == "crash":
             raise RuntimeError("a bug")
+        if config.fail_with == "sigterm":  # a pod deletion or spot notice mid-work
+            os.kill(os.getpid(), signal.SIGTERM)
     return {"bytes": len(data) * config.repeat}
 
 
@@ -162,6 +165,15 @@ def test_failed_stage_leaves_no_output_and_no_manifest(tmp_path, source, fail_wi
         assert "error: echo: source has a problem" in capsys.readouterr().err
     out = tmp_path / "art/runs/dev/echo"
     assert not out.exists() or [p.name for p in out.iterdir()] == []
+
+
+def test_sigterm_stops_a_stage_at_once_with_143_and_commits_nothing(tmp_path, source):
+    """In a container the stage is PID 1, which SIGTERM's default action spares: the stage handles it."""
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_echo(f"artifact_root={tmp_path}/art", f"source={source}", "fail_with=sigterm", "repeat=3") == 143
+    assert manifest.read(f"file://{tmp_path}/art/runs/dev/echo") is None
+    assert not (tmp_path / "art/runs/dev/echo/copy-1.txt").exists()  # stopped at the signal, not after the work
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_leftovers_of_a_killed_attempt_are_never_committed(tmp_path, source):

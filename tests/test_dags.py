@@ -579,6 +579,12 @@ def test_trigger_exchanges_credentials_for_a_token_and_posts_the_conf(monkeypatc
 
         def do_GET(self):
             seen.append(("GET", self.path, self.headers.get("Authorization"), None))
+            if self.path.endswith("/taskInstances?limit=1000"):
+                tis = [("plan", -1, "success", 1), ("train_lora", -1, "failed", 4), ("publish", -1, "skipped", 0)]
+                keys = ("task_id", "map_index", "state", "try_number")
+                return self._reply(200, {"task_instances": [dict(zip(keys, ti, strict=True)) for ti in tis]})
+            if "/dagRuns/" in self.path:  # the run, polled by --wait
+                return self._reply(200, {"state": "failed"})
             self._reply(200, {"dag_id": "genai_finetune", "is_paused": False})
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -597,6 +603,11 @@ def test_trigger_exchanges_credentials_for_a_token_and_posts_the_conf(monkeypatc
         method, path, auth, body = seen[-1]
         assert (method, path, auth) == ("POST", "/api/v2/dags/genai_finetune/dagRuns", "Bearer t0k3n")
         assert body == {"logical_date": None, "conf": json.loads(conf_file.read_text())}
+
+        assert trigger.main([str(conf_file), "--url", url, "--wait"]) == 1  # the run failed
+        out = capsys.readouterr().out
+        assert "  train_lora: failed (try 4)" in out and "run manual__2026-01-01T00:00:00+00:00: failed" in out
+        assert seen[-2][1] == "/api/v2/dags/genai_finetune/dagRuns/manual__2026-01-01T00%3A00%3A00%2B00%3A00"
 
         bad = tmp_path / "bad.json"
         bad.write_text('{"model_name": "bad"}')

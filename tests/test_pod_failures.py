@@ -83,7 +83,7 @@ def refusal(message: str, status: int = 403) -> ApiException:
     [
         (
             'pods "x" is forbidden: exceeded quota: genai-stages, requested: pods=1, used: pods=12, limited: pods=12',
-            "quota", True, ["exceeded quota", "resourceQuota.hard"],
+            "quota", True, ["exceeded quota", "resourceQuota.hard", "within 60 s"],
         ),
         (
             'pods "x" is forbidden: maximum memory usage per Container is 6Gi, but limit is 8Gi',

@@ -221,7 +221,9 @@ def test_the_stage_result_reaches_xcom_through_the_sidecar(pods):
         env = {e["name"]: e.get("value") for e in base_container(pod)["env"]}
         assert env["STAGE_RESULT_PATH"] == "/airflow/xcom/return.json"
         assert env["STAGE_IMAGE"] == base_container(pod)["image"]  # recorded in every manifest
-        assert "airflow-xcom-sidecar" in {c["name"] for c in pod["spec"]["containers"]}
+        (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == "airflow-xcom-sidecar"]
+        # Its container's PID 1: without a trap it would outlive a deletion by the grace period (cluster tier).
+        assert sidecar["command"][:2] == ["sh", "-c"] and 'trap "exit 0" INT TERM;' in sidecar["command"][2]
 
 
 def test_resources_and_time_limits_come_from_the_stage_spec(pods):

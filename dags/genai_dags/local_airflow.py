@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser("serve", help="start Airflow on this machine until Ctrl-C")
     serve_parser.add_argument("--port", type=int, default=8080)
+    serve_parser.add_argument("--home", type=Path, default=REPO_ROOT / "airflow_home", help="AIRFLOW_HOME")
     args = parser.parse_args(argv)
-    return serve(port=args.port)
+    return serve(port=args.port, home=args.home)
 
 
 def task_states(dag_run: Any) -> dict[str, str]:

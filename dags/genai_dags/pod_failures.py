@@ -11,7 +11,7 @@ cause                                   retried    the message names
 image missing or unpullable             no         the image and the settings that choose it
 OOMKilled                               no         the memory limit and ``stages.<stage>.memory``
 LimitRange violated at admission        no         the LimitRange's words and ``stages.<stage>``
-ResourceQuota exceeded at admission     yes        the quota's words (other runs may free it)
+ResourceQuota full past startup timeout yes        the quota's words (other runs may free it)
 unschedulable past the startup timeout  yes        the node pool, its selector, the scheduler's words
 evicted (emptyDir over sizeLimit, ...)  yes        the kubelet's words and ``kubernetes.scratch_size``
 activeDeadlineSeconds reached           yes        ``stages.<stage>.timeout_minutes`` (training resumes)
@@ -105,7 +105,8 @@ def diagnose(remote_pod: Any, container: str, pod: StagePod) -> PodFailure | Non
             "sigterm",
             True,
             f"stage {stage}: its pod was stopped with SIGTERM (spot preemption, node drain or deletion); "
-            "retried, and training resumes from the checkpoint it saved on the way out.",
+            "retried: training resumes from the checkpoint it saved on the way out, another stage redoes its "
+            "work (nothing partial was committed).",
         )
     if status.phase == "Pending" and not (state and state.state and state.state.running):
         scheduled = next((c for c in status.conditions or [] if c.type == "PodScheduled"), None)
@@ -135,8 +136,9 @@ def refused_at_admission(exc: Exception, pod: StagePod, namespace: str) -> PodFa
         return PodFailure(
             "quota",
             True,
-            f"stage {stage}: the ResourceQuota of namespace {namespace} refused its pod ({reason}); retried, "
-            "as other runs may free it. Raise resourceQuota.hard in the chart values if it persists.",
+            f"stage {stage}: the ResourceQuota of namespace {namespace} had no room for its pod within "
+            f"{pod.startup_timeout_seconds} s ({reason}); retried, as other runs may free it. Raise "
+            "resourceQuota.hard in the chart values if it persists.",
         )
     if "per Container" in reason or "per Pod" in reason or "LimitRange" in reason:
         return PodFailure(

@@ -8,12 +8,14 @@ tolerations, resources) comes from the pipeline config; see ``dags/README.md``.
 
 from __future__ import annotations
 
+import time
 from functools import cached_property
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.utils.container import container_is_running, container_is_terminated
 from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
+from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from airflow.sdk.exceptions import AirflowException
 from kubernetes.client import models as k8s
 from kubernetes.client.exceptions import ApiException
@@ -22,19 +24,32 @@ from genai_dags.pod_failures import StagePod, diagnose, refused_at_admission
 from genai_dags.settings import NodePool, PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import EXIT_USER_ERROR, StageUserError, container_environment, finish
 
+QUOTA_POLL_SECONDS = 5
+# The provider's XCom sidecar loop traps only SIGINT (how it is told to stop once the result is read). As
+# its container's PID 1 it then outlives a pod deletion or a spot notice by the whole grace period, and
+# the deleted pod keeps its GPU (and its place in the quota) that long. It stops on SIGTERM too.
+SIDECAR_COMMAND = 'trap "exit 0" INT TERM; while true; do sleep 1; done;'
+
 
 def _tolerations(pool: NodePool) -> list[k8s.V1Toleration]:
     return [k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in pool.tolerations]
 
 
 class StagePodManager(PodManager):
-    """The provider's PodManager, told that a pod which has ended has no running container.
+    """The provider's PodManager, corrected where a live cluster showed it wrong.
 
-    Once a pod's phase is Failed or Succeeded (evicted, past its activeDeadlineSeconds) the kubelet stops
-    its containers but may leave their last statuses as they were: still "running" after a deadline, none
-    at all after an eviction. The provider would then follow the logs of a stopped container forever, or
-    wait 15 minutes for the XCom sidecar to start. The pod's phase decides instead.
+    - A pod that has ended has no running container. Once a pod's phase is Failed or Succeeded (evicted,
+      past its activeDeadlineSeconds) the kubelet stops its containers but may leave their last statuses
+      as they were: still "running" after a deadline, none at all after an eviction. The provider then
+      followed the logs of a stopped container forever, or waited 15 minutes for the XCom sidecar.
+    - A refused pod is the operator's to name, in one line: the provider logs the whole pod and a
+      traceback, at each attempt while the operator waits for room in a full quota.
     """
+
+    def run_pod_async(self, pod: k8s.V1Pod, **kwargs: Any) -> k8s.V1Pod:
+        body = self._client.api_client.sanitize_for_serialization(pod)
+        self.log.debug("creating pod %s", body)
+        return self._client.create_namespaced_pod(body=body, namespace=pod.metadata.namespace, **kwargs)
 
     def container_is_running(self, pod: k8s.V1Pod, container_name: str) -> bool:
         remote_pod = self.read_pod(pod)
@@ -102,7 +117,30 @@ class StagePodOperator(KubernetesPodOperator):
         self.priority_class_name = self.stage_priority_class or pool.priority_class or None
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
         pod.metadata.labels["genai-pipelines.io/capacity"] = capacity
+        for container in pod.spec.containers:
+            if container.name == PodDefaults.SIDECAR_CONTAINER_NAME:
+                container.command = ["sh", "-c", SIDECAR_COMMAND]
         return pod
+
+    def get_or_create_pod(self, pod_request_obj: k8s.V1Pod, context: Any) -> k8s.V1Pod:
+        """Create the pod; while the namespace's ResourceQuota has no room for it, wait as for a node.
+
+        A full quota is the namespace's capacity (GPUs, pods), used by the run's other shards or other
+        runs: it frees up. Failing at once would spend every retry within seconds.
+        """
+        deadline = time.monotonic() + self.startup_timeout_seconds
+        while True:
+            try:
+                return super().get_or_create_pod(pod_request_obj, context)
+            except ApiException as exc:
+                failure = refused_at_admission(exc, self.stage_pod, self.namespace)
+                left = deadline - time.monotonic()
+                if failure is None or failure.cause != "quota" or left <= 0:
+                    raise
+                self.log.info(
+                    "stage %s: no room in the namespace's ResourceQuota yet; waiting (%.0f s left)", self.stage, left
+                )
+                time.sleep(min(QUOTA_POLL_SECONDS, left))
 
     @cached_property
     def pod_manager(self) -> PodManager:

@@ -119,7 +119,9 @@ class KubernetesSettings(Section):
     run_as_user: int = Field(10001, ge=1, description="pod uid (the images' own user)")
     scratch_size: Quantity = Field("20Gi", description="size of the /tmp emptyDir")
     # GPU node pools usually scale from zero: node provisioning, driver install and a multi-GB image pull.
-    startup_timeout_seconds: int = Field(1200, ge=60, description="scheduling + startup wait (GPU scale-up)")
+    startup_timeout_seconds: int = Field(
+        1200, ge=60, description="wait for quota room, scheduling and startup (GPU scale-up)"
+    )
     # Time between SIGTERM and SIGKILL: the trainer saves a checkpoint in it (spot notices give 30-120 s).
     termination_grace_seconds: int = Field(120, ge=1, le=3600, description="SIGTERM -> SIGKILL (checkpoint)")
     gpu_resource: LabelKey = Field("nvidia.com/gpu", description="the extended resource GPU stages request")

@@ -3,7 +3,7 @@
     load config -> resolve inputs -> cache check -> work -> commit manifest -> print result
 
 Exit codes: 0 done (or cache hit), 2 the user's mistake (message, no traceback),
-143 preempted after saving a checkpoint (SIGTERM), 1 anything else (a bug or the infrastructure).
+143 stopped by SIGTERM (training saves a checkpoint first), 1 anything else (a bug or the infrastructure).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ log = logging.getLogger("stages")
 
 
 class Preempted(Exception):
-    """The stage saved its state on SIGTERM; it exits non-zero so the orchestrator retries it."""
+    """SIGTERM stopped the stage (training saves a checkpoint first); it exits 143 so the orchestrator retries it."""
 
 
 @dataclass(kw_only=True)
@@ -103,6 +104,9 @@ def run_stage(
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(message)s", stream=sys.stderr, force=True
     )
+    # A stage is its container's PID 1, which the kernel spares from SIGTERM's default action: without a
+    # handler, a pod deletion or a spot notice would wait out the whole grace period and end in SIGKILL.
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return _run(name, config_cls, inputs, work, args.config, args.overrides)
     except UserError as exc:
@@ -116,6 +120,13 @@ def run_stage(
         log.error("%s", exc)
         print(f"error: {name}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM outside a training loop (which checkpoints first): stop now; outputs commit whole or not at all."""
+    raise Preempted("SIGTERM before the stage finished; nothing of it was committed, the next try redoes it")
 
 
 def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:

@@ -13,6 +13,7 @@ owner) or as the identities the chart creates.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -71,6 +72,21 @@ class Cluster:
         from kubernetes import client
 
         return client.CoreV1Api(self.client(kubeconfig))
+
+    def request(self, method: str, path: str, kubeconfig: Path | None = None, body: dict | None = None) -> Any:
+        """One raw apiserver call with a kubeconfig's token, for what the Python client cannot say (an
+        exec without a stream upgrade, policy/v1beta1 evictions): the ``requests`` response."""
+        import requests
+
+        config = yaml.safe_load((kubeconfig or self.admin_kubeconfig).read_text())
+        return requests.request(
+            method,
+            f"https://127.0.0.1:6443{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {config['users'][0]['user']['token']}"},
+            verify=config["clusters"][0]["cluster"]["certificate-authority"],
+            timeout=30,
+        )
 
     def service_account_kubeconfig(self, namespace: str, name: str) -> Path:
         """A kubeconfig that authenticates as a service account, with its token (as a pod would)."""
@@ -287,3 +303,55 @@ def bed_inputs(platform, tiny_base_model, folio_corpus) -> Path:
     """The base model and the data in the bed's artifact root, where the stage pods read them."""
     seed(platform.artifact_root, tiny_base_model, folio_corpus)
     return platform.artifact_root
+
+
+@dataclass
+class ServedAirflow:
+    """Airflow's own components, started as ``make airflow`` starts them, reached through its REST API."""
+
+    url: str
+    token: str
+    home: Path
+
+
+@pytest.fixture(scope="session")
+def served_airflow(platform, tmp_path_factory) -> ServedAirflow:
+    """api-server, scheduler (LocalExecutor), dag-processor and triggerer under the bed's pipeline config.
+
+    Unlike ``dag.test()``, the scheduler runs mapped tasks side by side and retries a failed try itself.
+    """
+    import signal
+    import socket
+    import sys
+
+    from genai_dags import trigger
+    from genai_dags.settings import ENV_VAR
+
+    home = tmp_path_factory.mktemp("airflow-served")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, ENV_VAR: str(platform.pipeline_config), "PYTHONPATH": str(ROOT / "dags")}
+    serve = [sys.executable, "-m", "genai_dags.local_airflow", "serve", "--port", str(port), "--home", str(home)]
+    with (home / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(serve, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://localhost:{port}"
+    passwords = home / "simple_auth_manager_passwords.json.generated"
+
+    def ready() -> str | None:
+        """A token once the api-server answers and both DAGs are parsed."""
+        with contextlib.suppress(trigger.TriggerError, OSError, ValueError):
+            token = trigger.login(url, *next(iter(json.loads(passwords.read_text()).items())))
+            dags = trigger.request("GET", f"{url}/api/v2/dags?dag_id_pattern=genai_", token=token)
+            return token if dags["total_entries"] >= 2 else None
+        return None
+
+    deadline = time.monotonic() + 180
+    try:
+        while (token := ready()) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, (home / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        yield ServedAirflow(url, token, home)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # serve stops every component's process group, workers included
+        proc.wait(timeout=60)

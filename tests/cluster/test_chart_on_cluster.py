@@ -52,18 +52,10 @@ def _refused(call, *args, **kwargs) -> str:
     return json.loads(refused.value.body)["message"]
 
 
-def _exec(kubeconfig, namespace: str, pod: str) -> tuple[int, str]:
-    """Status and message of a plain exec request: authorization is decided before any upgrade."""
-    import requests
-    import yaml
-
-    config = yaml.safe_load(kubeconfig.read_text())
-    answer = requests.post(
-        f"https://127.0.0.1:6443/api/v1/namespaces/{namespace}/pods/{pod}/exec?command=true&stdout=true",
-        headers={"Authorization": f"Bearer {config['users'][0]['user']['token']}"},
-        verify=config["clusters"][0]["cluster"]["certificate-authority"],
-        timeout=30,
-    )
+def _exec(platform, namespace: str, pod: str) -> tuple[int, str]:
+    """Status and message of a plain exec request as the worker: authorization is decided before any upgrade."""
+    path = f"/api/v1/namespaces/{namespace}/pods/{pod}/exec?command=true&stdout=true"
+    answer = platform.cluster.request("POST", path, platform.worker_kubeconfig)
     return answer.status_code, answer.json().get("message", "") if answer.text.startswith("{") else answer.text
 
 
@@ -93,12 +85,12 @@ def test_the_worker_identity_can_do_nothing_but_run_stage_pods(platform):
         ),
     )
     try:
-        status, message = _exec(platform.worker_kubeconfig, "default", "outside")
+        status, message = _exec(platform, "default", "outside")
         assert status == 403 and 'resource "pods/exec"' in message, message
     finally:
         admin.delete_namespaced_pod("outside", "default", grace_period_seconds=0)
     # The same request in the stage namespace passes authorization (and fails after it: the pod has exited).
-    status, message = _exec(platform.worker_kubeconfig, STAGE_NAMESPACE, "genai-artifact-check")
+    status, message = _exec(platform, STAGE_NAMESPACE, "genai-artifact-check")
     assert status not in (401, 403), message
     message = _refused(worker.list_node)
     assert 'cannot list resource "nodes"' in message

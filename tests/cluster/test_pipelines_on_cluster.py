@@ -11,7 +11,6 @@ The same conf then runs with the local runtime; the outputs must agree as in the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from datetime import UTC, datetime, timedelta
@@ -64,14 +63,19 @@ def stage_files(result: dict) -> dict[str, bytes]:
 
 
 class PodWatch:
-    """Every stage pod the apiserver saw during a run: its name, node and labels (pods are deleted after)."""
+    """Every stage pod the apiserver saw during a run (pods are deleted after): its name, node, labels, when
+    it was bound to a node and when its stage container ran and ended (``placed``, ``running``, ``ended``:
+    monotonic seconds). ``on_running`` is called with each pod once its container runs."""
 
-    def __init__(self, cluster) -> None:
+    def __init__(self, cluster, on_running=None) -> None:
         import threading
+        import time
 
         from kubernetes import watch
 
         self.pods: dict[str, dict] = {}
+        self.error: Exception | None = None
+        self._stopped = False
         self.since = datetime.now(UTC) - timedelta(seconds=1)  # not the last run's terminating pods
         self._watch = watch.Watch()
         core = cluster.core()
@@ -80,7 +84,7 @@ class PodWatch:
             stream = self._watch.stream(
                 core.list_namespaced_pod, STAGE_NAMESPACE, label_selector="app.kubernetes.io/name=genai-stage"
             )
-            with contextlib.suppress(Exception):  # the stream ends when stop() closes it
+            try:
                 for event in stream:
                     pod = event["object"]
                     if pod.metadata.creation_timestamp < self.since:
@@ -88,13 +92,27 @@ class PodWatch:
                     seen = self.pods.setdefault(pod.metadata.uid, {"name": pod.metadata.name})
                     seen["labels"] = dict(pod.metadata.labels or {})
                     seen["node"] = pod.spec.node_name or seen.get("node")
+                    if seen["node"] and "placed" not in seen:
+                        seen["placed"] = time.monotonic()
                     seen["priority_class"] = pod.spec.priority_class_name
+                    base = next((c for c in pod.status.container_statuses or [] if c.name == "base"), None)
+                    state = base.state if base else None
+                    if state and state.running and "running" not in seen:
+                        seen["running"] = time.monotonic()
+                        if on_running:
+                            on_running(pod)
+                    if (state and state.terminated) or event["type"] == "DELETED":
+                        seen.setdefault("ended", time.monotonic())
+            except Exception as exc:  # the stream also ends this way when stop() closes it
+                self.error = None if self._stopped else exc
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
 
     def stop(self) -> list[dict]:
+        self._stopped = True
         self._watch.stop()
+        assert self.error is None, f"the pod watch failed: {self.error!r}"
         return list(self.pods.values())
 
 
@@ -158,23 +176,6 @@ def test_the_published_model_has_lineage_and_predictions(finetune, stage_images)
 # ---- Spot preemption, for real: the kubelet's SIGTERM on delete, and an eviction by a node drain ----
 
 
-def admin_request(cluster, method: str, path: str, body: dict) -> int:
-    """One raw apiserver call as the admin (the Python client only speaks policy/v1; 1.20 has v1beta1)."""
-    import requests
-
-    config = yaml.safe_load(cluster.admin_kubeconfig.read_text())
-    answer = requests.request(
-        method,
-        f"https://127.0.0.1:6443{path}",
-        json=body,
-        headers={"Authorization": f"Bearer {config['users'][0]['user']['token']}"},
-        verify=config["clusters"][0]["cluster"]["certificate-authority"],
-        timeout=30,
-    )
-    assert answer.status_code < 300, answer.text
-    return answer.status_code
-
-
 class Preemptor:
     """Strikes each spot try of train_lora once it trains: try 1 is deleted, try 2 evicted by a drain."""
 
@@ -232,7 +233,8 @@ class Preemptor:
             "metadata": {"name": pod.metadata.name, "namespace": STAGE_NAMESPACE},
         }
         path = f"/api/v1/namespaces/{STAGE_NAMESPACE}/pods/{pod.metadata.name}/eviction"
-        admin_request(self.cluster, "POST", path, eviction)
+        answer = self.cluster.request("POST", path, body=eviction)  # policy/v1beta1: the client speaks only v1
+        assert answer.status_code < 300, answer.text
 
     def _run(self) -> None:
         try:
@@ -297,7 +299,23 @@ def test_a_preempted_training_resumes_and_ends_bitwise_equal(preempted, finetune
 # ---- Batch inference: the published model's shards as mapped pods, merged like the local runtime's ----
 
 
-def test_batch_inference_shards_run_as_pods_and_merge_like_the_local_runtime(finetune, platform):
+def most_at_once(pods: list[dict]) -> int:
+    """The largest number of these pods that were on a node at the same moment (admitted, bound, not ended)."""
+    edges = sorted([(p["placed"], 1) for p in pods] + [(p["ended"], -1) for p in pods], key=lambda e: (e[0], e[1]))
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def test_batch_inference_shards_run_as_parallel_pods_and_merge_like_the_local_runtime(
+    finetune, platform, served_airflow
+):
+    """Through Airflow's own scheduler (LocalExecutor): the shards run side by side; one shard's pod is deleted
+    as soon as it runs (a spot node lost), and the scheduler retries that shard alone."""
+    from genai_dags import trigger
+
     def batch_conf(result: dict, root: Path) -> dict:
         return {
             "model_name": "folio-cluster",
@@ -308,26 +326,54 @@ def test_batch_inference_shards_run_as_pods_and_merge_like_the_local_runtime(fin
             "inference": {"max_new_tokens": 8},
         }
 
-    watch = PodWatch(platform.cluster)
+    struck: list = []
+
+    def strike_first_shard(pod) -> None:
+        if pod.metadata.labels["app.kubernetes.io/component"] == "batch-infer" and not struck:
+            struck.append(pod)
+            platform.cluster.core().delete_namespaced_pod(pod.metadata.name, STAGE_NAMESPACE)
+
+    watch = PodWatch(platform.cluster, on_running=strike_first_shard)
+    url, token, dag = served_airflow.url, served_airflow.token, "genai_batch_inference"
     conf = batch_conf(finetune["results"]["publish"], platform.artifact_root)
-    run = local_airflow.run_dag("genai_batch_inference", conf, platform.pipeline_config)
+    run_id = trigger.trigger(url, dag, conf, token)["dag_run_id"]
+    run = trigger.wait(url, dag, run_id, token, poll_seconds=2, timeout=900)
     pods = watch.stop()
-    assert str(run.state) == "success", local_airflow.task_states(run)
+    tries = {
+        (ti["task_id"], ti["map_index"]): (ti["state"], ti["try_number"])
+        for ti in trigger.task_instances(url, dag, run_id, token)
+    }
+    assert run["state"] == "success", tries
     shards = [p for p in pods if p["labels"]["app.kubernetes.io/component"] == "batch-infer"]
-    assert len(shards) == 4 and {p["node"] for p in shards} == {NODES["spot"]}, shards
+    assert len(shards) == 5 and {p["node"] for p in shards} == {NODES["spot"]}, shards  # 4 shards, 1 retried
+    at_once = most_at_once(shards)
+    print(f"batch inference on the cluster: at most {at_once} of 4 shard pods ran at once")
+    assert at_once >= 2, shards
+    shard_tries = sorted(t for (task, _), (_, t) in tries.items() if task == "batch_infer")
+    assert shard_tries == [1, 1, 1, 2], tries  # the scheduler retried the struck shard, only that one
+    (deleted,) = struck
+    assert tries[("batch_infer", int(deleted.metadata.labels["map_index"]))] == ("success", 2), tries
+    # The stage stopped on SIGTERM at once rather than being SIGKILLed at the end of its grace period (the
+    # 1.20 kubelet leaves a deleted pod's container statuses as they were, so its exit code is not seen).
+    gone = next(p for p in shards if p["name"] == deleted.metadata.name)
+    grace = yaml.safe_load(platform.pipeline_config.read_text())["kubernetes"]["termination_grace_seconds"]
+    print(f"the deleted shard pod stopped {gone['ended'] - gone['running']:.1f} s after it started running")
+    assert gone["ended"] - gone["running"] < grace, gone
+
     local_root = finetune["local_root"]
     local_run = local_airflow.run_dag(
         "genai_batch_inference", batch_conf(finetune["local"]["publish"], local_root), finetune["local_config"]
     )
     assert str(local_run.state) == "success", local_airflow.task_states(local_run)
+    xcom = f"{url}/api/v2/dags/{dag}/dagRuns/{run_id}/taskInstances/merge_predictions/xcomEntries/return_value"
+    served_merge = trigger.request("GET", f"{xcom}?deserialize=true&stringify=false", token=token)["value"]
 
-    def predictions(run) -> list[dict]:
-        merged = local_airflow.xcom(run, "merge_predictions")
+    def predictions(merged: dict) -> list[dict]:
         assert merged["metrics"]["records"] == 8 and merged["metrics"]["shards"] == 4
         lines = (Path(merged["output_uri"].removeprefix("file://")) / "predictions.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(line).items() if k in ("id", "prompt", "completion")} for line in lines]
 
-    ours, theirs = predictions(run), predictions(local_run)
+    ours, theirs = predictions(served_merge), predictions(local_airflow.xcom(local_run, "merge_predictions"))
     prompts = (platform.artifact_root / "data/prompts.jsonl").read_text().splitlines()
     assert [p["id"] for p in ours] == [json.loads(line)["id"] for line in prompts]  # merged in order
     assert ours == theirs

@@ -9,8 +9,8 @@
 #   localhost     the on-demand GPU pool (cloud.google.com/gke-nodepool=on-demand), also the CPU stages'
 #   k8sbed-node2  the spot GPU pool (cloud.google.com/gke-spot=true), tainted like GKE taints spot and
 #                 GPU nodes (cloud.google.com/gke-spot=true:NoSchedule, nvidia.com/gpu=present:NoSchedule)
-# Each advertises one `nvidia.com/gpu` (a node status patch; there is no device plugin): stages then
-# run on CPU. Pods have no network (a CNI plugin that only reports the pod's loopback address); the
+# Each advertises two `nvidia.com/gpu` (a node status patch; there is no device plugin), like a
+# two-L4 machine: GPU requests are scheduled for real, and the stages then run on CPU. Pods have no network (a CNI plugin that only reports the pod's loopback address); the
 # artifact root reaches them as a volume. IMAGES are imported into both nodes' containerd.
 # Every process is started with setsid; its pid is in $BED/pids, its log in $BED/logs.
 set -euo pipefail
@@ -131,12 +131,12 @@ wait_for "node localhost" node_ready localhost
 wait_for "node k8sbed-node2" node_ready k8sbed-node2
 for node in localhost k8sbed-node2; do
   api -X PATCH -H 'Content-Type: application/json-patch+json' \
-    -d '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"1"}]' \
+    -d '[{"op":"add","path":"/status/capacity/nvidia.com~1gpu","value":"2"}]' \
     "https://127.0.0.1:6443/api/v1/nodes/$node/status" >/dev/null
 done
 gpus_allocatable() { api https://127.0.0.1:6443/api/v1/nodes | python3 -c '
 import json, sys
 nodes = json.load(sys.stdin)["items"]
-sys.exit(0 if all(n["status"]["allocatable"].get("nvidia.com/gpu") == "1" for n in nodes) else 1)'; }
+sys.exit(0 if all(n["status"]["allocatable"].get("nvidia.com/gpu") == "2" for n in nodes) else 1)'; }
 wait_for "nvidia.com/gpu on both nodes" gpus_allocatable
 echo "bed up in $((SECONDS - start)) s; KUBECONFIG=$BED/kubeconfig-admin"
