@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -14,6 +15,8 @@ from stages.core import manifest, store
 from stages.core.config import check, help_field, load_config
 from stages.core.errors import ConfigError, InputNotFound, UserError
 from stages.core.runner import StageConfig, run_stage
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(kw_only=True)
@@ -76,12 +79,41 @@ def test_precedence_is_default_then_file_then_override(tmp_path):
         ("run_id=../../etc", "run_id='../../etc' must be"),
         ("artifact_root=ftp://host/x", "artifact_root='ftp://host/x' uses scheme 'ftp'"),
         ("novalue", "override 'novalue' is not of the form key=value"),
+        ("repeat=٣", "repeat='٣' must be an integer written with the digits 0-9"),  # Arabic-Indic 3
+        ("scale=١.5", "must be a number written with the digits 0-9"),
+        ("repeat=" + "9" * 5000, "(5000 characters) must be an integer written with the digits 0-9"),
+        ("source=" + "x" * 5000, "source is 5000 characters long, over the 4096 allowed: 'xxxxx"),
     ],
 )
 def test_bad_config_names_the_field_and_value(override, message):
     with pytest.raises(UserError, match=None) as exc:
         load_config(EchoConfig, None, [override])
     assert message in str(exc.value)
+
+
+def test_a_megabyte_value_is_refused_at_once_in_one_short_line(tmp_path):
+    """It hung: redacting secrets from the message was quadratic in the value's length (minutes per MB)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input_uri": "s3://b/" + "a" * 1_000_000, "base_model": "org/model"}))
+    command = [sys.executable, "-m", "stages.tokenize", "--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "input_uri is 1000007 characters long, over the 4096 allowed" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr) < 2000
+
+
+def test_redaction_is_linear_and_still_hides_passwords():
+    from stages.core.uris import redact
+
+    assert redact("a" * 1_000_000) == "a" * 1_000_000  # seconds per call when it was quadratic, a hang per MB
+    assert redact("see s3://user:pw@bucket/k and abfs://c@acct/x") == "see s3://***@bucket/k and abfs://c@acct/x"
+    long_scheme = "q" * 40 + "://u:pw@h/x"  # more than 32 characters of scheme: still redacted
+    assert "pw" not in redact(long_scheme)
 
 
 def test_config_file_must_be_a_mapping(tmp_path):

@@ -17,9 +17,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from stages.core import store, uris
-from stages.core.errors import ConfigError
+from stages.core.errors import ConfigError, shown
 
 C = TypeVar("C")
+# No setting is prose: URIs (S3 keys stop at 1024 bytes), ids, names and lists of them.
+MAX_STRING_CHARS = 4096
 
 
 def help_field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -85,14 +87,14 @@ def coerce(tp: Any, value: Any, name: str) -> Any:
         return coerce(inner[0], value, name)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{name}={value!r} is not one of {list(args)}")
+            raise ConfigError(f"{name}={shown(value)} is not one of {list(args)}")
         return value
     if origin is list:
         (item_type,) = args
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
         if not isinstance(value, list):
-            raise ConfigError(f"{name}={value!r} must be a list")
+            raise ConfigError(f"{name}={shown(value)} must be a list")
         return [coerce(item_type, v, name) for v in value]
     if tp is bool:
         if isinstance(value, bool):
@@ -101,30 +103,41 @@ def coerce(tp: Any, value: Any, name: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{name}={value!r} must be true or false")
+        raise ConfigError(f"{name}={shown(value)} must be true or false")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be an integer")
+            raise ConfigError(f"{name}={shown(value)} must be an integer")
         if isinstance(value, int):
             return value
+        text = str(value).replace("_", "")
+        # int() also reads other scripts' digits ("٣" is 3) and thousands of them: both are refused.
+        if not (text.isascii() and len(text) <= 32):
+            raise ConfigError(f"{name}={shown(value)} must be an integer written with the digits 0-9")
         try:
-            return int(str(value).replace("_", ""))
+            return int(text)
         except ValueError:
-            raise ConfigError(f"{name}={value!r} must be an integer") from None
+            raise ConfigError(f"{name}={shown(value)} must be an integer") from None
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be a number")
+            raise ConfigError(f"{name}={shown(value)} must be a number")
+        if isinstance(value, str) and not value.isascii():
+            raise ConfigError(f"{name}={shown(value)} must be a number written with the digits 0-9")
         try:
             result = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name}={value!r} must be a number") from None
+            raise ConfigError(f"{name}={shown(value)} must be a number") from None
         if result != result or result in (float("inf"), float("-inf")):
-            raise ConfigError(f"{name}={value!r} must be a finite number")
+            raise ConfigError(f"{name}={shown(value)} must be a finite number")
         return result
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{name}={value!r} must be a string")
-        return str(value)
+            raise ConfigError(f"{name}={shown(value)} must be a string")
+        value = str(value)
+        if len(value) > MAX_STRING_CHARS:  # URIs, ids, names: refused before any parsing or logging
+            raise ConfigError(
+                f"{name} is {len(value)} characters long, over the {MAX_STRING_CHARS} allowed: {shown(value)}"
+            )
+        return value
     raise TypeError(f"unsupported config type {tp!r} for field {name}")
 
 
@@ -160,6 +173,6 @@ def check_run_id(name: str, value: str) -> None:
     """Run ids and model names become path segments: keep them to a safe alphabet."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value) or ".." in value:
         raise ConfigError(
-            f"{name}={value!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            f"{name}={shown(value)} must be 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
         )

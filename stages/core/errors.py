@@ -4,6 +4,19 @@
 :class:`StoreError`: the artifact store kept failing, exit 1 (the orchestrator retries the task).
 """
 
+from typing import Any
+
+SHOWN_CHARS = 80
+
+
+def shown(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut to its first characters (a megabyte is not echoed)."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, list, dict)) else "cut"
+    return f"{text[:SHOWN_CHARS]}... ({size})"
+
 
 class UserError(Exception):
     """Bad config, bad input data or a bad artifact location.

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from stages.core.errors import UserError
+from stages.core.errors import UserError, shown
 
 ALLOWED_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "az", "memory")
 
@@ -49,10 +49,10 @@ def normalize_uri(uri: str, field: str = "uri") -> str:
     if not sep:
         return "file://" + os.path.abspath(uri)
     if scheme not in ALLOWED_SCHEMES:
-        raise UserError(f"{field}={redact(uri)!r} uses scheme {scheme!r}; allowed: {', '.join(ALLOWED_SCHEMES)}")
+        raise UserError(f"{field}={shown(redact(uri))} uses scheme {scheme!r}; allowed: {', '.join(ALLOWED_SCHEMES)}")
     if _has_credentials(uri):
         raise UserError(
-            f"{field}={redact(uri)!r} carries credentials; URIs are logged and saved with every run, so "
+            f"{field}={shown(redact(uri))} carries credentials; URIs are logged and saved with every run, so "
             "credentials must come from the environment (workload identity or the cloud's standard variables)"
         )
     return uri
@@ -65,9 +65,14 @@ def _has_credentials(uri: str) -> bool:
     return any(key.lower() in SIGNED_QUERY for key, _ in parse_qsl(parts.query, keep_blank_values=True))
 
 
+# At most 32 characters of scheme before "://" keep the search linear in the text's length: an unbounded
+# ``\w+://`` retried the rest of a long word at each of its characters (minutes for a megabyte).
+_USERINFO = re.compile(r"([A-Za-z][\w+.-]{0,31}://)[^/\s:@'\"]+:[^/\s@'\"]+@")
+
+
 def redact(text: str) -> str:
     """``text`` without URL passwords, URL signatures and the values of the credential variables."""
-    text = re.sub(r"(\w+://)[^/\s:@'\"]+:[^/\s@'\"]+@", r"\1***@", text)
+    text = _USERINFO.sub(r"\1***@", text)
     text = re.sub(
         r"(?i)([?&](?:sig|x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
         r"x-goog-credential|signature|access_token)=)[^&\s'\"]+",
