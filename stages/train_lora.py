@@ -348,7 +348,12 @@ class LoRARecipe:
         """
         config, run = self.config, self.run
         adapter_dir = run.scratch / layout.ADAPTER
-        self.model.peft_config["default"].base_model_name_or_path = config.base_model
+        # What from_pretrained accepts (AutoPeftModelForCausalLM opens the base from here): a local path or a
+        # hub id. A remote URI stays as it is; the URI itself is in training_base.json and the lineage.
+        name = config.base_model
+        self.model.peft_config["default"].base_model_name_or_path = (
+            str(uris.local_path(name)) if uris.is_local(name) else name
+        )
         self.model.save_pretrained(adapter_dir)
         # PEFT keeps target_modules as a set, so its order in the JSON changes with each process's hash
         # seed: sorted, the same training writes the same bytes (a resumed run equals an uninterrupted one).

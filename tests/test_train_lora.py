@@ -74,6 +74,11 @@ def test_adapter_loads_with_plain_peft_and_changes_the_model(finetune_run):
     before = base(ids).logits
     adapted = PeftModel.from_pretrained(base, str(out / "adapter"))
     assert not torch.allclose(adapted(ids).logits, before)
+    # The adapter alone names a base that from_pretrained can open (it recorded the file:// URI before).
+    from peft import AutoPeftModelForCausalLM
+
+    reopened = AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter"))
+    assert torch.equal(reopened(ids).logits, adapted(ids).logits)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 41))
     assert not (out / "checkpoints").exists(), "checkpoints are removed once the adapter is committed"
