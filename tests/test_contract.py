@@ -43,8 +43,8 @@ def echo(config: EchoConfig, run) -> dict:
             raise UserError("source has a problem the user must fix")
         if config.fail_with == "crash":
             raise RuntimeError("a bug")
-        if config.fail_with == "sigterm":  # a pod deletion or spot notice mid-work
-            os.kill(os.getpid(), signal.SIGTERM)
+        if config.fail_with in ("sigterm", "sigkill"):  # a pod deletion or spot notice; a kill with no grace
+            os.kill(os.getpid(), getattr(signal, config.fail_with.upper()))
     return {"bytes": len(data) * config.repeat}
 
 
@@ -206,6 +206,27 @@ def test_sigterm_stops_a_stage_at_once_with_143_and_commits_nothing(tmp_path, so
     assert manifest.read(f"file://{tmp_path}/art/runs/dev/echo") is None
     assert not (tmp_path / "art/runs/dev/echo/copy-1.txt").exists()  # stopped at the signal, not after the work
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_scratch_folders_of_killed_attempts_are_removed_by_the_next_one(tmp_path, source, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    args = [f"artifact_root={tmp_path}/art", f"source={source}"]
+    killed = f"from tests.test_contract import run_echo; run_echo(*{[*args, 'fail_with=sigkill']!r})"
+    done = subprocess.run([sys.executable, "-c", killed], cwd=ROOT, env={**os.environ, "TMPDIR": str(temp)})
+    assert done.returncode == -signal.SIGKILL
+    (left,) = temp.iterdir()  # no cleanup ran
+    live = temp / f"{left.name.rsplit('.', 1)[0]}.{os.getppid()}"  # an attempt at the same output, still running
+    live.mkdir()
+    other = temp / "stage-echo-000000000000.1"  # another output's
+    other.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert run_echo(*args) == 0
+    assert sorted(p.name for p in temp.iterdir()) == sorted([live.name, other.name])
 
 
 def test_leftovers_of_a_killed_attempt_are_never_committed(tmp_path, source):

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -129,6 +132,40 @@ def _stop(signum: int, frame: Any) -> None:
     raise Preempted("SIGTERM before the stage finished; nothing of it was committed, the next try redoes it")
 
 
+@contextmanager
+def _scratch(name: str, out_uri: str) -> Iterator[Path]:
+    """This attempt's scratch folder in the temporary directory, removed at the end.
+
+    A killed attempt (SIGKILL: no cleanup runs) leaves its folder behind, gigabytes for a trainer. The
+    folder is named after the output and the process, so the next attempt at the same output removes
+    the folders of earlier attempts whose process is gone.
+    """
+    tag = f"stage-{name}-{hashlib.sha256(out_uri.encode()).hexdigest()[:12]}"
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{tag}.*"):
+        pid = old.suffix[1:]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by an earlier attempt that was killed", old)
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f"{tag}.{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)  # in a container every attempt is pid 1
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
     started = time.time()
     config = load_config(config_cls, config_uri, overrides)
@@ -163,8 +200,8 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
 
     _check_writable(out_uri)
     _clear_uncommitted(out_uri)
-    with tempfile.TemporaryDirectory(prefix=f"stage-{name}-") as scratch:
-        run = StageRun(name=name, out_uri=out_uri, scratch=Path(scratch), inputs=input_hashes, cache_key=key)
+    with _scratch(name, out_uri) as scratch:
+        run = StageRun(name=name, out_uri=out_uri, scratch=scratch, inputs=input_hashes, cache_key=key)
         try:
             metrics = work(config, run)
         except (Preempted, KeyboardInterrupt):
