@@ -78,6 +78,8 @@ def test_precedence_is_default_then_file_then_override(tmp_path):
         ("mode=medium", "mode='medium' is not one of ['fast', 'slow']"),
         ("run_id=../../etc", "run_id='../../etc' must be"),
         ("artifact_root=ftp://host/x", "artifact_root='ftp://host/x' uses scheme 'ftp'"),
+        ("artifact_root=/etc/genai", "artifact_root='file:///etc/genai' is inside the system folder /etc"),
+        ("artifact_root=file:///usr/../", "artifact_root='file:///usr/..' is the file system's root"),
         ("novalue", "override 'novalue' is not of the form key=value"),
         ("repeat=٣", "repeat='٣' must be an integer written with the digits 0-9"),  # Arabic-Indic 3
         ("scale=١.5", "must be a number written with the digits 0-9"),
@@ -247,7 +249,7 @@ def test_missing_input_and_unwritable_root_exit_2(tmp_path, source, capsys):
         locked.mkdir(mode=0o500)
         assert run_echo(f"artifact_root={locked}", f"source={source}") == 2
         assert "not writable" in capsys.readouterr().err
-    assert run_echo("artifact_root=/proc/genai-not-writable", f"source={source}") == 2
+    assert run_echo(f"artifact_root={source}/under-a-file", f"source={source}") == 2  # even for root
     assert "artifact_root is not writable" in capsys.readouterr().err
 
 

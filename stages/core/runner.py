@@ -57,6 +57,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         self.artifact_root = uris.normalize_uri(self.artifact_root, "artifact_root").rstrip("/")
+        uris.check_artifact_root(self.artifact_root)
         check_run_id("run_id", self.run_id)
 
     def run_uri(self, *parts: str) -> str:

@@ -58,6 +58,21 @@ def normalize_uri(uri: str, field: str = "uri") -> str:
     return uri
 
 
+# The operating system's own folders: a stage run as root would write its artifacts among them.
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr")
+
+
+def check_artifact_root(uri: str) -> None:
+    """An artifact root is a folder of its own: not the file system's root nor inside a system folder."""
+    if not is_local(uri):
+        return
+    path = os.path.normpath(local_path(uri))
+    inside = next((f for f in SYSTEM_FOLDERS if path == f or path.startswith(f + "/")), None)
+    if path == "/" or inside:
+        where = "the file system's root" if path == "/" else f"inside the system folder {inside}"
+        raise UserError(f"artifact_root={shown(uri)} is {where}; give the pipeline a folder of its own")
+
+
 def _has_credentials(uri: str) -> bool:
     parts = urlsplit(uri)
     if ":" in parts.netloc.rpartition("@")[0]:  # user:password@ (a bare user@, as in abfs container@account, is fine)
