@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from stages.core import store, uris
-from stages.core.config import check, help_field
+from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
@@ -39,7 +39,7 @@ class BaseModelConfig(StageConfig):
     batch_size: int = help_field(16, "Sequences per step.")
     seq_len: int = help_field(128, "Tokens per training sequence.")
     learning_rate: float = help_field(3e-3, "Peak AdamW learning rate (cosine decay, 5% warmup).")
-    seed: int = help_field(0, "Seed for initialisation and batch sampling.")
+    seed: int = help_field(0, "Seed for initialisation and batch sampling.", bounds=SEED_BOUNDS)
 
     OPERATIONAL = frozenset()
 

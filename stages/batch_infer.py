@@ -32,7 +32,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from stages.core import layout, manifest, models, store, uris
-from stages.core.config import check, help_field
+from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
@@ -59,7 +59,7 @@ class BatchInferConfig(StageConfig):
     temperature: float = help_field(1.0, "Sampling temperature (with do_sample=true).")
     top_p: float = help_field(1.0, "Nucleus sampling mass (with do_sample=true); 1 disables it.")
     top_k: int = help_field(0, "Sample from the k most likely tokens (with do_sample=true); 0 disables it.")
-    seed: int = help_field(0, "Seed for sampling.")
+    seed: int = help_field(0, "Seed for sampling.", bounds=SEED_BOUNDS)
     merge_adapter: bool = help_field(True, "Merge the LoRA weights into the base model before generating (faster).")
     precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to run the model.")

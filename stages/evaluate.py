@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from stages.core import layout, models, store, uris
-from stages.core.config import check, help_field
+from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
@@ -65,7 +65,7 @@ class EvaluateConfig(StageConfig):
     sample_max_new_tokens: int = help_field(32, "New tokens per sample completion (greedy).")
     precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to run the models.")
-    seed: int = help_field(0, "Seed for torch (the evaluation itself is deterministic).")
+    seed: int = help_field(0, "Seed for torch (the evaluation itself is deterministic).", bounds=SEED_BOUNDS)
 
     # Batching changes only float rounding of the scores (far below the digits reported).
     OPERATIONAL = frozenset({"batch_size", "device"})

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.core import layout, models, store, uris
-from stages.core.config import check, help_field
+from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
@@ -62,7 +62,7 @@ class TokenizeConfig(StageConfig):
     )
     block_size: int = help_field(128, "Tokens per packed training block.")
     validation_fraction: float = help_field(0.1, "Share of documents held out for validation, in (0, 1).")
-    seed: int = help_field(0, "Seed of the document-level train/validation permutation.")
+    seed: int = help_field(0, "Seed of the document-level train/validation permutation.", bounds=SEED_BOUNDS)
     max_bad_fraction: float = help_field(
         0.01, "Share of broken records (invalid JSON, missing or non-string text field) tolerated before failing."
     )

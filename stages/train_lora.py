@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from stages.core import checkpoints, downloads, layout, models, store, uris
-from stages.core.config import check, help_field
+from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
 
@@ -55,7 +55,7 @@ class TrainLoraConfig(StageConfig):
     epochs: int = help_field(1, "Passes over the training blocks (when max_steps is 0).")
     precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to train.")
-    seed: int = help_field(0, "Seed for LoRA init, dropout and data order.")
+    seed: int = help_field(0, "Seed for LoRA init, dropout and data order.", bounds=SEED_BOUNDS)
     checkpoint_every: int = help_field(50, "Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = help_field(2, "Complete checkpoints to keep (older ones are deleted).")
     log_every: int = help_field(10, "Log loss and tokens/s every N steps.")

@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 
 from stages.core import manifest, store
-from stages.core.config import check, help_field, load_config
+from stages.core.config import SEED_BOUNDS, check, help_field, load_config
 from stages.core.errors import ConfigError, InputNotFound, UserError
 from stages.core.runner import StageConfig, run_stage
 
@@ -27,6 +27,7 @@ class EchoConfig(StageConfig):
     tags: list[str] = help_field(["a"], "A list.")
     mode: Literal["fast", "slow"] = help_field("fast", "An enum.")
     fail_with: str = help_field("", "Raise this after writing one output (for failure tests).")
+    seed: int = help_field(0, "A seed.", bounds=SEED_BOUNDS)
 
     OPERATIONAL = frozenset({"scale"})
 
@@ -81,6 +82,8 @@ def test_precedence_is_default_then_file_then_override(tmp_path):
         ("artifact_root=/etc/genai", "artifact_root='file:///etc/genai' is inside the system folder /etc"),
         ("artifact_root=file:///usr/../", "artifact_root='file:///usr/..' is the file system's root"),
         ("novalue", "override 'novalue' is not of the form key=value"),
+        ("seed=-1", "seed=-1 must be in [0, 4294967295]"),
+        ("seed=4294967296", "seed=4294967296 must be in [0, 4294967295]"),
         ("repeat=٣", "repeat='٣' must be an integer written with the digits 0-9"),  # Arabic-Indic 3
         ("scale=١.5", "must be a number written with the digits 0-9"),
         ("repeat=" + "9" * 5000, "(5000 characters) must be an integer written with the digits 0-9"),

@@ -24,11 +24,17 @@ C = TypeVar("C")
 MAX_STRING_CHARS = 4096
 
 
-def help_field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
-    """A dataclass field with a default and help text (lists get a fresh copy per instance)."""
+def help_field(default: Any, help: str, *, bounds: tuple[float, float] | None = None) -> Any:  # noqa: A002
+    """A dataclass field with a default and help text (lists get a fresh copy per instance). A number
+    outside ``bounds`` (inclusive) is refused when the config is built, naming the field and the range."""
+    metadata = {"help": help, "bounds": bounds}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda d=default: list(d), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# What numpy, torch and Python's random all accept as a seed.
+SEED_BOUNDS = (0, 2**32 - 1)
 
 
 def load_config(cls: type[C], config_uri: str | None, overrides: list[str]) -> C:
@@ -46,14 +52,17 @@ def load_config(cls: type[C], config_uri: str | None, overrides: list[str]) -> C
 
 def build_config(cls: type[C], values: dict[str, Any]) -> C:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs = {}
     for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {key!r} for {cls.__name__}{hint}")
         kwargs[key] = coerce(hints[key], value, key)
+        bounds = fields[key].metadata.get("bounds")
+        if bounds and kwargs[key] is not None and not bounds[0] <= kwargs[key] <= bounds[1]:
+            raise ConfigError(f"{key}={shown(kwargs[key])} must be in [{bounds[0]}, {bounds[1]}]")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field without a default is missing
@@ -71,7 +80,8 @@ def describe(cls: type) -> str:
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         lines.append(f"  {f.name}={default!r}  ({_type_name(hints[f.name])})")
-        lines.append(f"      {f.metadata.get('help', '')}")
+        bounds = f.metadata.get("bounds")
+        lines.append(f"      {f.metadata.get('help', '')}" + (f" [{bounds[0]}, {bounds[1]}]" if bounds else ""))
     return "\n".join(lines)
 
 
