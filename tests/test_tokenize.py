@@ -152,6 +152,46 @@ class TestFormats:
         assert folder["metrics"]["records_read"] == 30
         assert glob["metrics"]["records_read"] == 10
 
+    def test_a_byte_order_mark_does_not_cost_the_first_record(self, stage, tmp_path):
+        rows = [{"text": doc(i)} for i in range(10)]
+        (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "x.jsonl", rows).read_bytes())
+
+        code, result, _ = stage(tmp_path / "bom.jsonl", "block_size=16")
+
+        assert code == 0 and result["metrics"]["records_kept"] == 10 and result["metrics"]["dropped_bad_json"] == 0
+
+    @pytest.mark.parametrize(("encoding", "named"), [("utf-16", "UTF-16 (little-endian)"), ("utf-16-be", "UTF-16")])
+    def test_utf16_text_is_refused_naming_its_encoding(self, stage, tmp_path, encoding, named):
+        (tmp_path / "wide.txt").write_bytes("\n\n".join(doc(i) for i in range(10)).encode(encoding))
+
+        code, _, err = stage(tmp_path / "wide.txt")
+
+        assert code == 2 and f"is {named}" in err and "convert it to UTF-8" in err and "Traceback" not in err
+
+    def test_symbolic_links_in_a_folder_are_followed_and_dead_ones_skipped(self, stage, tmp_path):
+        real = tmp_path / "real"
+        real.mkdir()
+        write_jsonl(real / "a.jsonl", [{"text": doc(i)} for i in range(10)])
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "linked").symlink_to(real)  # fsspec listed it as a file, then reading it failed
+        (data / "dead").symlink_to(tmp_path / "nowhere")
+        (data / "loop").symlink_to(data)  # a link back up: listed once
+
+        code, result, _ = stage(data, "block_size=16")
+
+        assert code == 0 and result["metrics"]["records_kept"] == 10
+
+    def test_a_folder_of_dead_links_and_a_name_too_long_are_user_errors(self, stage, tmp_path):
+        dead = tmp_path / "dead"
+        dead.mkdir()
+        (dead / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+        code, _, err = stage(dead)
+        assert code == 2 and "holds no files but 1 symbolic link(s) that lead to no file" in err
+
+        code, _, err = stage(tmp_path / ("x" * 300 + ".jsonl"))
+        assert code == 2 and "File name too long" in err and "Traceback" not in err
+
     def test_auto_format_by_extension(self):
         assert file_format("file:///d/x.JSONL", "auto") == "jsonl"
         assert file_format("s3://b/x.ndjson", "auto") == "jsonl"

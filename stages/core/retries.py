@@ -115,6 +115,8 @@ _THROTTLE_CODES = frozenset(
 )
 # s3fs turns a 503 into OSError(EBUSY) and a 500 into OSError(EREMOTEIO); the rest are the sockets'.
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE}
+# A path no file system can open as given: the user's to fix, not the store's to retry.
+_INVALID_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP}
 _DENIED_STATUS = {401, 403}
 _DENIED_CODES = frozenset(
     """
@@ -153,7 +155,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def classify(exc: BaseException) -> str:
-    """One of "missing", "exists", "denied", "unsupported", "transient" or "permanent"."""
+    """One of "missing", "exists", "denied", "invalid", "unsupported", "transient" or "permanent"."""
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return "missing"
     if isinstance(exc, FileExistsError):
@@ -176,6 +178,8 @@ def classify(exc: BaseException) -> str:
             return "transient"
         if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
             return "transient"
+        if isinstance(err, OSError) and err.errno in _INVALID_ERRNOS:
+            return "invalid"
     return "permanent"
 
 
@@ -232,6 +236,8 @@ def with_retries(what: str, uri: str, fn: Callable[[], T]) -> T:
             failure = _describe(exc)
         if kind == "missing":
             raise FileNotFoundError(f"{redact(uri)} does not exist ({failure})")
+        if kind == "invalid":
+            raise UserError(f"cannot {what} {redact(uri)!r}: {failure}")
         if kind == "unsupported":
             raise NotImplementedError(f"the store cannot {what} {redact(uri)!r} this way: {failure}")
         if kind == "denied":

@@ -33,7 +33,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec
 
-from stages.core.errors import InputNotFound, UserError
+from stages.core.errors import InputNotFound, UserError, shown
 from stages.core.retries import client_options, tune_client_retries, with_retries
 from stages.core.uris import is_glob, is_local, join, local_path
 
@@ -184,6 +184,8 @@ def expand(uri: str, field: str = "uri") -> list[str]:
     naming ``field``. Not fsspec's ``expand_path``: that also returns folders, and the files inside the
     folders a glob matches.
     """
+    if is_local(uri) and not is_glob(uri):
+        return _expand_local(uri, field)
     fs, path = _fs(uri)
     if is_glob(uri):
         matches = with_retries("list", uri, lambda: fs.glob(path, detail=True))  # types come with the listing
@@ -198,6 +200,43 @@ def expand(uri: str, field: str = "uri") -> list[str]:
     if not files:
         raise InputNotFound(f"{field}={uri!r} {'matches' if is_glob(uri) else 'holds'} no files")
     return sorted(_rebase(uri, path, f) for f in files)
+
+
+def _expand_local(uri: str, field: str) -> list[str]:
+    """:func:`expand` for a local file or folder. Symbolic links are followed, to files and to folders
+    (fsspec lists a link to a folder as a file, which then cannot be read), each folder listed once
+    (a link back up does not loop); links that lead nowhere are skipped and counted."""
+    top = local_path(uri)
+    try:
+        top.stat()
+    except FileNotFoundError:
+        target = f" (a symbolic link to {os.readlink(top)}, which does not exist)" if top.is_symlink() else ""
+        raise InputNotFound(f"{field}={uri!r} does not exist{target}") from None
+    except OSError as exc:  # a link loop, a name too long for the file system, no permission
+        raise UserError(f"{field}={shown(uri)} cannot be read: {exc.strerror}") from None
+    if not top.is_dir():
+        return [uri]
+    files, dead, listed = [], 0, set()
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in listed:
+            subfolders.clear()
+            continue
+        listed.add(real)
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.startswith("."):
+                continue
+            if os.path.exists(path):  # follows links: False for a dangling or looping one
+                files.append(path)
+            else:
+                dead += 1
+    if dead:
+        log.warning("%s: skipped %d symbolic link(s) that lead to no file", uri, dead)
+    if not files:
+        only = f" but {dead} symbolic link(s) that lead to no file" if dead else ""
+        raise InputNotFound(f"{field}={uri!r} holds no files{only}")
+    return sorted(f"file://{path}" for path in files)
 
 
 def _rebase(uri: str, path: str, found: str) -> str:
