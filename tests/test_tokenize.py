@@ -398,6 +398,16 @@ class TestUserErrors:
         assert code == 2
         assert message in err
 
+    def test_a_hub_id_that_cannot_be_loaded_is_a_user_error(self, tmp_path, capsys):
+        write_jsonl(tmp_path / "data.jsonl", [{"text": doc(i)} for i in range(4)])
+        args = [f"input_uri={tmp_path / 'data.jsonl'}", "base_model=org/no-such-model", f"artifact_root={tmp_path}"]
+
+        assert tokenize_stage.main(args) == 2  # stages run offline: no hub here
+
+        err = capsys.readouterr().err
+        assert "base_model='org/no-such-model' is read as a Hugging Face hub model id" in err
+        assert "URI of a saved model folder" in err and "Traceback" not in err
+
     def test_missing_base_model_folder(self, stage, tmp_path):
         write_jsonl(tmp_path / "data.jsonl", [{"text": doc(i)} for i in range(10)])
 

@@ -74,10 +74,27 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+@contextmanager
+def _hub_errors(name: str) -> Iterator[None]:
+    """A hub model id that cannot be loaded (offline, unknown, gated) is the user's to fix: one message."""
+    try:
+        yield
+    except OSError as exc:
+        if uris.is_uri(name) or Path(name).exists():  # a folder on this machine: a real I/O problem
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"base_model={name!r} is read as a Hugging Face hub model id, which could not be loaded ({first}). "
+            "Give the URI of a saved model folder (file://, s3://, gs://, abfs://) instead; to load from a "
+            "hub, the platform sets HF_HUB_OFFLINE=0 for the stage and, for gated models, HF_TOKEN"
+        ) from None
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _hub_errors(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -86,7 +103,8 @@ def load_tokenizer(path: str):
 def load_model_config(path: str):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path)
+    with _hub_errors(path):
+        return AutoConfig.from_pretrained(path)
 
 
 def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
@@ -110,7 +128,8 @@ def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
 def load_model(path: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with _hub_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device)
 
 
