@@ -116,6 +116,30 @@ def file_format(uri: str, requested: str) -> str:
     return "text"
 
 
+# Files that are not running text: read as plain text, a CSV's header and separators or a PDF's bytes
+# would become training data. A folder's are skipped and counted (input_format=auto); one named alone is
+# refused.
+NOT_TEXT = frozenset(
+    ".csv .tsv .gz .zip .bz2 .xz .zst .tar .7z .pdf .doc .docx .xls .xlsx .png .jpg .jpeg .gif .webp .arrow "  # noqa: SIM905
+    ".feather .npy .npz .pkl .pt .bin .safetensors".split()
+)
+
+
+def text_files(files: list[str], config: TokenizeConfig) -> tuple[list[str], list[str]]:
+    """The files to read and the files skipped as not running text (only when the format is auto)."""
+    if config.input_format != "auto":
+        return files, []
+    skipped = [f for f in files if Path(f.rsplit("/", 1)[-1]).suffix.lower() in NOT_TEXT]
+    if skipped and files == [config.input_uri]:
+        raise UserError(
+            f"input_uri={config.input_uri!r} is a {Path(skipped[0]).suffix.lower()} file, which is not running "
+            "text: convert it to JSONL, Parquet or plain text, or set input_format=text to read it as text anyway"
+        )
+    if skipped:
+        log.warning("skipped %d file(s) that are not running text, such as %s", len(skipped), skipped[0])
+    return [f for f in files if f not in set(skipped)], skipped
+
+
 def decode(raw: bytes) -> tuple[str, bool]:
     """UTF-8 text and whether it held invalid bytes (replaced by U+FFFD rather than failing the run)."""
     try:
@@ -568,7 +592,7 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     if context is not None and config.block_size > context:
         raise UserError(f"block_size={config.block_size} is longer than base_model's context of {context} tokens")
 
-    files = store.expand(config.input_uri, "input_uri")
+    files, skipped = text_files(store.expand(config.input_uri, "input_uri"), config)
     log.info("reading %d file(s) from %s", len(files), config.input_uri)
     started = time.perf_counter()  # reading, cleaning and tokenizing overlap: timed together
     encoder = Encoder(tokenizer, config.batch_size)
@@ -619,6 +643,7 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
         "records_kept": len(docs),
         **{f"dropped_{reason}": counts[reason] for reason in DROP_REASONS},
         "records_with_invalid_utf8": counts["records_with_invalid_utf8"],
+        "files_skipped_not_text": len(skipped),
         "train_docs": len(train_order),
         "validation_docs": len(validation_order),
         "train_blocks": len(train_blocks),

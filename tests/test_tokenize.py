@@ -192,6 +192,19 @@ class TestFormats:
         code, _, err = stage(tmp_path / ("x" * 300 + ".jsonl"))
         assert code == 2 and "File name too long" in err and "Traceback" not in err
 
+    def test_a_folder_skips_and_counts_files_that_are_not_text_and_one_alone_is_refused(self, stage, tmp_path):
+        data = tmp_path / "mixed"
+        data.mkdir()
+        write_jsonl(data / "a.jsonl", [{"text": doc(i)} for i in range(10)])
+        (data / "table.csv").write_text("id,text\n1,a header and separators are not prose\n")
+
+        code, result, _ = stage(data, "block_size=16")
+        assert code == 0 and result["metrics"]["files_skipped_not_text"] == 1
+        assert result["metrics"]["records_kept"] == 10  # the CSV's header is not a document
+
+        code, _, err = stage(data / "table.csv", "run_id=alone")
+        assert code == 2 and "is a .csv file, which is not running text" in err and "input_format=text" in err
+
     def test_auto_format_by_extension(self):
         assert file_format("file:///d/x.JSONL", "auto") == "jsonl"
         assert file_format("s3://b/x.ndjson", "auto") == "jsonl"
