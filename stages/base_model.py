@@ -27,17 +27,22 @@ log = logging.getLogger("stages.base_model")
 EOS = "<|endoftext|>"
 
 
+MAX_PARAMETERS = 200_000_000
+
+
 @dataclass(kw_only=True)
 class BaseModelConfig(StageConfig):
     corpus_uri: str = help_field("", "Plain-text files to learn from: a file, a folder or a glob URI.")
-    vocab_size: int = help_field(2048, "Byte-level BPE vocabulary size.")
-    hidden_size: int = help_field(128, "Model width.")
-    num_layers: int = help_field(4, "Transformer blocks.")
-    num_heads: int = help_field(4, "Attention heads (must divide hidden_size).")
-    context_length: int = help_field(256, "max_position_embeddings: the longest sequence the model sees.")
-    steps: int = help_field(300, "Pretraining optimizer steps.")
-    batch_size: int = help_field(16, "Sequences per step.")
-    seq_len: int = help_field(128, "Tokens per training sequence.")
+    vocab_size: int = help_field(2048, "Byte-level BPE vocabulary size.", bounds=(300, 65_536))
+    hidden_size: int = help_field(128, "Model width.", bounds=(8, 2048))
+    num_layers: int = help_field(4, "Transformer blocks.", bounds=(1, 48))
+    num_heads: int = help_field(4, "Attention heads (must divide hidden_size).", bounds=(1, 64))
+    context_length: int = help_field(
+        256, "max_position_embeddings: the longest sequence the model sees.", bounds=(16, 32_768)
+    )
+    steps: int = help_field(300, "Pretraining optimizer steps.", bounds=(1, 1_000_000))
+    batch_size: int = help_field(16, "Sequences per step.", bounds=(1, 1024))
+    seq_len: int = help_field(128, "Tokens per training sequence.", bounds=(2, 32_768))
     learning_rate: float = help_field(3e-3, "Peak AdamW learning rate (cosine decay, 5% warmup).")
     seed: int = help_field(0, "Seed for initialisation and batch sampling.", bounds=SEED_BOUNDS)
 
@@ -47,9 +52,14 @@ class BaseModelConfig(StageConfig):
         super().__post_init__()
         check(bool(self.corpus_uri), "corpus_uri is required: the text files to pretrain on")
         self.corpus_uri = uris.normalize_uri(self.corpus_uri, "corpus_uri")
-        check(self.vocab_size >= 300, f"vocab_size={self.vocab_size} must be >= 300 (256 bytes + merges)")
-        for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size", "seq_len"):
-            check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
+        # A small model for demos and tests, built on CPU: a size past this is a typo, refused before allocating.
+        parameters = 2 * self.vocab_size * self.hidden_size + 12 * self.num_layers * self.hidden_size**2
+        check(
+            parameters <= MAX_PARAMETERS,
+            f"vocab_size={self.vocab_size}, hidden_size={self.hidden_size} and num_layers={self.num_layers} make "
+            f"about {parameters / 1e6:.0f}M parameters; base_model builds small models (at most "
+            f"{MAX_PARAMETERS // 1_000_000}M): for a real one, give the other stages a saved model or a hub id",
+        )
         check(
             self.hidden_size % self.num_heads == 0,
             f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}",

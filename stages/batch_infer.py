@@ -53,8 +53,10 @@ class BatchInferConfig(StageConfig):
     prompt_field: str = help_field("prompt", "Key of each record's prompt text.")
     shard_index: int = help_field(0, "Which shard of the prompts this task completes (0-based).")
     num_shards: int = help_field(1, "How many shards the prompts are split into (contiguous slices of records).")
-    batch_size: int = help_field(64, "Prompts per generate call.")
-    max_new_tokens: int = help_field(64, "Most tokens generated per prompt (generation also stops at end-of-text).")
+    batch_size: int = help_field(64, "Prompts per generate call.", bounds=(1, 4096))
+    max_new_tokens: int = help_field(
+        64, "Most tokens generated per prompt (generation also stops at end-of-text).", bounds=(1, 131_072)
+    )
     do_sample: bool = help_field(False, "false: greedy decoding; true: sample with temperature / top_p / top_k.")
     temperature: float = help_field(1.0, "Sampling temperature (with do_sample=true).")
     top_p: float = help_field(1.0, "Nucleus sampling mass (with do_sample=true); 1 disables it.")
@@ -82,8 +84,6 @@ class BatchInferConfig(StageConfig):
             0 <= self.shard_index < self.num_shards,
             f"shard_index={self.shard_index} must be in [0, num_shards={self.num_shards})",
         )
-        check(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
-        check(self.max_new_tokens > 0, f"max_new_tokens={self.max_new_tokens} must be > 0")
         check(self.temperature > 0, f"temperature={self.temperature} must be > 0")
         check(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
         check(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 disables it)")

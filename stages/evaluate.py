@@ -51,7 +51,7 @@ class EvaluateConfig(StageConfig):
     adapter_uri: str = help_field("", "Output of train_lora (or a PEFT adapter folder); empty means this run's.")
     dataset_uri: str = help_field("", "Output of tokenize (its validation_docs.jsonl); empty means this run's.")
     max_eval_docs: int = help_field(0, "Score only the first N held-out documents; 0 scores all of them.")
-    batch_size: int = help_field(8, "Token windows per forward pass.")
+    batch_size: int = help_field(8, "Token windows per forward pass.", bounds=(1, 4096))
     max_length: int = help_field(
         0, "Tokens per scoring window; 0 takes the model's context length (max_position_embeddings), as lm-eval does."
     )
@@ -61,8 +61,14 @@ class EvaluateConfig(StageConfig):
     min_relative_improvement: float = help_field(
         0.02, "Gate passes when (base - adapted) / base of gate_metric is at least this (negative allows a loss)."
     )
-    num_samples: int = help_field(4, "Held-out prompts to complete with both models for samples.jsonl.")
-    sample_max_new_tokens: int = help_field(32, "New tokens per sample completion (greedy).")
+    num_samples: int = help_field(
+        4, "Held-out prompts to complete with both models for samples.jsonl.", bounds=(0, 1000)
+    )
+    sample_max_new_tokens: int = help_field(
+        32,
+        "New tokens per sample completion (greedy); prompt and completion fit the model's context.",
+        bounds=(1, 32_768),
+    )
     precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to run the models.")
     seed: int = help_field(0, "Seed for torch (the evaluation itself is deterministic).", bounds=SEED_BOUNDS)
@@ -76,7 +82,6 @@ class EvaluateConfig(StageConfig):
         self.resolve_input("adapter_uri", layout.TRAIN_LORA)
         self.resolve_input("dataset_uri", layout.TOKENIZE)
         check(self.max_eval_docs >= 0, f"max_eval_docs={self.max_eval_docs} must be >= 0 (0 means all)")
-        check(self.batch_size > 0, f"batch_size={self.batch_size} must be > 0")
         check(
             self.max_length == 0 or self.max_length >= 2,
             f"max_length={self.max_length} must be 0 (the model's context) or >= 2",
@@ -86,8 +91,17 @@ class EvaluateConfig(StageConfig):
             f"min_relative_improvement={self.min_relative_improvement} must be in [-1, 1): "
             "a relative improvement of perplexity cannot reach 1",
         )
-        check(self.num_samples >= 0, f"num_samples={self.num_samples} must be >= 0")
-        check(self.sample_max_new_tokens > 0, f"sample_max_new_tokens={self.sample_max_new_tokens} must be > 0")
+
+
+def check_lengths(config: EvaluateConfig, context: int) -> None:
+    """Scoring windows and sample completions fit the model's context (generation past it runs away)."""
+    if config.max_length > context:
+        raise UserError(f"max_length={config.max_length} is longer than base_model's context of {context} tokens")
+    if config.num_samples and SAMPLE_PROMPT_TOKENS + config.sample_max_new_tokens > context:
+        raise UserError(
+            f"sample_max_new_tokens={config.sample_max_new_tokens} after a {SAMPLE_PROMPT_TOKENS}-token prompt "
+            f"is longer than base_model's context of {context} tokens"
+        )
 
 
 def inputs(config: EvaluateConfig) -> dict[str, str]:
@@ -406,16 +420,15 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
         history = read_train_log(adapter.parent / layout.TRAIN_LOG)
         with models.model_dir(config.base_model) as base_path:
             tokenizer = models.load_tokenizer(base_path)
+            # HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the model config's
+            # context, else the tokenizer's model_max_length (as models.context_length reads them), else 2048.
+            context = models.context_length(models.load_model_config(base_path), tokenizer)
+            context = context or LM_EVAL_DEFAULT_MAX_LENGTH
+            max_length = config.max_length or context
+            check_lengths(config, context)  # before any weights are allocated
             base = models.load_model(base_path, dtype, device)
         model = PeftModel.from_pretrained(base, str(adapter)).to(device)
     model.eval()
-
-    # HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the model config's
-    # context, else the tokenizer's model_max_length (both as models.context_length reads them), else 2048.
-    context = models.context_length(model.config, tokenizer) or LM_EVAL_DEFAULT_MAX_LENGTH
-    max_length = config.max_length or context
-    if max_length > context:
-        raise UserError(f"max_length={config.max_length} is longer than base_model's context of {context} tokens")
     prefix_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix_token is None:
         raise UserError(f"base_model={config.base_model!r} has neither a bos nor an eos token to start documents with")

@@ -40,7 +40,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class TrainLoraConfig(StageConfig):
     base_model: str = help_field("", "Base model: URI of a save_pretrained folder, or a hub model id.")
     dataset_uri: str = help_field("", "Output of tokenize; empty means this run's tokenize stage.")
-    rank: int = help_field(8, "LoRA rank r.")
+    rank: int = help_field(8, "LoRA rank r.", bounds=(1, 1024))
     alpha: float = help_field(16.0, "LoRA alpha (scaling = alpha / rank).")
     dropout: float = help_field(0.05, "Dropout on the LoRA path.")
     target_modules: list[str] = help_field(ALL_LINEAR, "Module names that get adapters (comma-separated).")
@@ -49,8 +49,8 @@ class TrainLoraConfig(StageConfig):
     warmup_steps: int = help_field(10, "Linear warmup steps.")
     weight_decay: float = help_field(0.0, "AdamW weight decay.")
     max_grad_norm: float = help_field(1.0, "Gradient clipping norm (0 disables).")
-    batch_size: int = help_field(8, "Blocks per micro-batch.")
-    grad_accum_steps: int = help_field(1, "Micro-batches per optimizer step.")
+    batch_size: int = help_field(8, "Blocks per micro-batch.", bounds=(1, 4096))
+    grad_accum_steps: int = help_field(1, "Micro-batches per optimizer step.", bounds=(1, 4096))
     max_steps: int = help_field(0, "Optimizer steps; 0 means epochs x steps per epoch.")
     epochs: int = help_field(1, "Passes over the training blocks (when max_steps is 0).")
     precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
@@ -66,7 +66,6 @@ class TrainLoraConfig(StageConfig):
         super().__post_init__()
         self.base_model = models.check_base_model(self.base_model)
         self.resolve_input("dataset_uri", layout.TOKENIZE)
-        check(self.rank > 0, f"rank={self.rank} must be > 0")
         check(self.alpha > 0, f"alpha={self.alpha} must be > 0")
         check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
         check(bool(self.target_modules), "target_modules must name at least one module")
@@ -74,7 +73,7 @@ class TrainLoraConfig(StageConfig):
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
         check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0")
-        for name in ("batch_size", "grad_accum_steps", "epochs", "checkpoint_every", "log_every"):
+        for name in ("epochs", "checkpoint_every", "log_every"):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
         check(0 <= self.max_steps <= 10_000_000, f"max_steps={self.max_steps} must be in [0, 10000000]")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
@@ -125,6 +124,9 @@ def wrap_with_lora(model, config: TrainLoraConfig):
             f"target_modules={config.target_modules} includes {missing}, which the base model "
             f"does not have (it has e.g. {sorted(n for n in names if 'proj' in n)[:8]})"
         )
+    width = getattr(getattr(model.config, "text_config", None) or model.config, "hidden_size", None)
+    if width is not None and config.rank > width:
+        raise UserError(f"rank={config.rank} is larger than base_model's hidden size of {width}")
     lora = LoraConfig(
         task_type="CAUSAL_LM",
         r=config.rank,

@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 
 from stages.core import manifest, store
-from stages.core.config import SEED_BOUNDS, check, help_field, load_config
+from stages.core.config import SEED_BOUNDS, build_config, check, help_field, load_config
 from stages.core.errors import ConfigError, InputNotFound, UserError
 from stages.core.runner import StageConfig, run_stage
 
@@ -299,3 +299,37 @@ def test_help_lists_every_setting(capsys):
     text = capsys.readouterr().out
     for name in ("artifact_root", "run_id", "source", "repeat", "tags", "mode"):
         assert f"{name}=" in text
+
+
+@pytest.mark.parametrize(
+    ("stage", "values", "message"),
+    [
+        ("evaluate", {"sample_max_new_tokens": 100_000}, "sample_max_new_tokens=100000 must be in [1, 32768]"),
+        ("batch_infer", {"max_new_tokens": 10**9, "prompts_uri": "/p.jsonl"}, "must be in [1, 131072]"),
+        ("train_lora", {"rank": 4096}, "rank=4096 must be in [1, 1024]"),
+        ("base_model", {"hidden_size": 2048, "num_layers": 48}, "make about 2424M parameters"),
+    ],
+)
+def test_every_size_is_bounded_before_anything_is_allocated(stage, values, message):
+    """Unbounded, these ended in an allocator error with a traceback, or generated until killed."""
+    import importlib
+
+    module = importlib.import_module(f"stages.{stage}")
+    config_class = next(
+        c for c in vars(module).values() if isinstance(c, type) and issubclass(c, StageConfig) and c is not StageConfig
+    )
+    required = {"corpus_uri": "/corpus"} if stage == "base_model" else {"base_model": "org/model"}
+    with pytest.raises(ConfigError) as refused:
+        build_config(config_class, {**required, **values})
+    assert message in str(refused.value)
+
+
+def test_sample_completions_must_fit_the_models_context():
+    from stages.evaluate import EvaluateConfig, check_lengths
+
+    config = build_config(EvaluateConfig, {"base_model": "org/model", "sample_max_new_tokens": 300})
+    with pytest.raises(UserError, match=r"sample_max_new_tokens=300 after a 32-token prompt is longer than .* 256"):
+        check_lengths(config, context=256)
+    check_lengths(
+        build_config(EvaluateConfig, {"base_model": "org/model", "num_samples": 0, "sample_max_new_tokens": 300}), 256
+    )

@@ -26,7 +26,7 @@ MAX_STRING_CHARS = 4096
 
 def help_field(default: Any, help: str, *, bounds: tuple[float, float] | None = None) -> Any:  # noqa: A002
     """A dataclass field with a default and help text (lists get a fresh copy per instance). A number
-    outside ``bounds`` (inclusive) is refused when the config is built, naming the field and the range."""
+    outside ``bounds`` (inclusive) is refused by :func:`check_bounds`, naming the field and the range."""
     metadata = {"help": help, "bounds": bounds}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda d=default: list(d), metadata=metadata)
@@ -52,17 +52,14 @@ def load_config(cls: type[C], config_uri: str | None, overrides: list[str]) -> C
 
 def build_config(cls: type[C], values: dict[str, Any]) -> C:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs = {}
     for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {key!r} for {cls.__name__}{hint}")
         kwargs[key] = coerce(hints[key], value, key)
-        bounds = fields[key].metadata.get("bounds")
-        if bounds and kwargs[key] is not None and not bounds[0] <= kwargs[key] <= bounds[1]:
-            raise ConfigError(f"{key}={shown(kwargs[key])} must be in [{bounds[0]}, {bounds[1]}]")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field without a default is missing
@@ -171,6 +168,14 @@ def _read_yaml(uri: str) -> dict[str, Any]:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_bounds(config: Any) -> None:
+    """Every number within the bounds its field declares (``help_field(..., bounds=(low, high))``)."""
+    for f in dataclasses.fields(config):
+        bounds, value = f.metadata.get("bounds"), getattr(config, f.name)
+        if bounds and value is not None and not bounds[0] <= value <= bounds[1]:
+            raise ConfigError(f"{f.name}={shown(value)} must be in [{bounds[0]}, {bounds[1]}]")
 
 
 def check(condition: bool, message: str) -> None:

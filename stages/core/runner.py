@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stages.core import layout, manifest, store, uris
-from stages.core.config import check_run_id, config_to_dict, describe, help_field, load_config
+from stages.core.config import check_bounds, check_run_id, config_to_dict, describe, help_field, load_config
 from stages.core.errors import InputNotFound, StoreError, UserError
 
 EXIT_USER_ERROR = 2
@@ -59,6 +59,7 @@ class StageConfig:
         self.artifact_root = uris.normalize_uri(self.artifact_root, "artifact_root").rstrip("/")
         uris.check_artifact_root(self.artifact_root)
         check_run_id("run_id", self.run_id)
+        check_bounds(self)
 
     def run_uri(self, *parts: str) -> str:
         return uris.join(self.artifact_root, "runs", self.run_id, *parts)
