@@ -79,6 +79,7 @@ def test_precedence_is_default_then_file_then_override(tmp_path):
         ("mode=medium", "mode='medium' is not one of ['fast', 'slow']"),
         ("run_id=../../etc", "run_id='../../etc' must be"),
         ("artifact_root=ftp://host/x", "artifact_root='ftp://host/x' uses scheme 'ftp'"),
+        ("artifact_root=memory://x", "artifact_root='memory://x' is a store inside this process"),
         ("artifact_root=/etc/genai", "artifact_root='file:///etc/genai' is inside the system folder /etc"),
         ("artifact_root=file:///usr/../", "artifact_root='file:///usr/..' is the file system's root"),
         ("novalue", "override 'novalue' is not of the form key=value"),

@@ -1,7 +1,7 @@
 """Artifact URIs: which ones are allowed, how they are spelled, and what of them may be shown.
 
 A plain path becomes an absolute ``file://`` URI; ``s3://``, ``gs://``, ``abfs://`` (and fsspec's
-``memory://``) name objects. Credentials and endpoints come only from the environment the platform
+``memory://``, for tests of the store, never an artifact root) name objects. Credentials and endpoints come only from the environment the platform
 gives the pod, never from config: a URI that carries a password or a signature is refused, so the
 resolved config that every stage logs and saves cannot hold one, and :func:`redact` keeps secrets
 out of every message the stages write.
@@ -62,8 +62,20 @@ def normalize_uri(uri: str, field: str = "uri") -> str:
 SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr")
 
 
+# Stores that live inside one process (fsspec's memory://, for tests of the store itself): outputs
+# "committed" there vanish when the stage exits.
+VOLATILE_SCHEMES = ("memory",)
+
+
 def check_artifact_root(uri: str) -> None:
-    """An artifact root is a folder of its own: not the file system's root nor inside a system folder."""
+    """An artifact root outlives the stage and is a folder of its own: not a store inside the process, not
+    the file system's root, not inside a system folder."""
+    scheme = uri.partition("://")[0]
+    if scheme in VOLATILE_SCHEMES:
+        raise UserError(
+            f"artifact_root={shown(uri)} is a store inside this process: what a stage commits there vanishes "
+            "when it exits; give a folder or a bucket (file://, s3://, gs://, abfs://)"
+        )
     if not is_local(uri):
         return
     path = os.path.normpath(local_path(uri))

@@ -19,6 +19,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from stages import tokenize as tokenize_stage
+from stages.core import uris
 from tests.test_tokenize import doc, tokenizer_model, write_jsonl
 
 pytestmark = pytest.mark.faults
@@ -86,6 +87,7 @@ class FlakyFileSystem(MemoryFileSystem):
 
 @pytest.fixture
 def flaky(monkeypatch):
+    monkeypatch.setattr(uris, "VOLATILE_SCHEMES", ())  # memory:// stands in for a bucket here
     monkeypatch.setenv("STAGE_STORE_ATTEMPTS", str(ATTEMPTS))
     monkeypatch.setenv("STAGE_STORE_BACKOFF_S", "0")
     fsspec.register_implementation("memory", FlakyFileSystem, clobber=True)
