@@ -98,6 +98,7 @@ def run_dag(platform: dict, conf: dict, fail_stage: str = "", fail_code: int = 1
     os.environ.update({"FAIL_STAGE": fail_stage, "FAIL_CODE": str(fail_code)})
     try:
         dag = local_airflow.load_dag("genai_finetune", platform["config"])
+        local_airflow.retire_other_assets(dag)  # an earlier test's artifact root left its asset active
         with pipeline_config(platform["config"]):
             run = dag.test(run_conf=conf, mark_success_pattern=mark_success or None)
     finally:
