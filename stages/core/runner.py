@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -111,7 +112,9 @@ def run_stage(
     )
     # A stage is its container's PID 1, which the kernel spares from SIGTERM's default action: without a
     # handler, a pod deletion or a spot notice would wait out the whole grace period and end in SIGKILL.
-    previous = signal.signal(signal.SIGTERM, _stop)
+    # (Signal handlers belong to the main thread: a stage called in another thread keeps the process's.)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
         return _run(name, config_cls, inputs, work, args.config, args.overrides)
     except UserError as exc:
@@ -126,7 +129,8 @@ def run_stage(
         print(f"error: {name}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(signum: int, frame: Any) -> None:
