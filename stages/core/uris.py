@@ -2,9 +2,9 @@
 
 A plain path becomes an absolute ``file://`` URI; ``s3://``, ``gs://``, ``abfs://`` (and fsspec's
 ``memory://``, for tests of the store, never an artifact root) name objects. Credentials and endpoints
-come only from the environment the platform gives the pod, never from config: a URI that carries a password or a signature is refused, so the
-resolved config that every stage logs and saves cannot hold one, and :func:`redact` keeps secrets
-out of every message the stages write.
+come only from the environment the platform gives the pod, never from config: a URI that carries a
+password or a signature is refused, so the resolved config that every stage logs and saves cannot
+hold one, and :func:`redact` keeps secrets out of every message the stages write.
 
 Pure string rules: nothing here touches a store.
 """
