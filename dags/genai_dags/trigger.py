@@ -98,9 +98,13 @@ def trigger(url: str, dag_id: str, conf: dict[str, Any], token: str) -> dict[str
     return request("POST", f"{api}/dagRuns", {"logical_date": None, "conf": conf}, token=token)
 
 
+def _run_api(url: str, dag_id: str, run_id: str) -> str:
+    return f"{url}/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+
+
 def wait(url: str, dag_id: str, run_id: str, token: str, *, poll_seconds: float = 5, timeout: float | None = None):
     """Poll a run until it finishes (success or failed) and return it as Airflow reports it."""
-    api = f"{url}/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+    api = _run_api(url, dag_id, run_id)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         run = request("GET", api, token=token)
@@ -113,8 +117,7 @@ def wait(url: str, dag_id: str, run_id: str, token: str, *, poll_seconds: float 
 
 def task_instances(url: str, dag_id: str, run_id: str, token: str) -> list[dict[str, Any]]:
     """Every task instance of a run (mapped ones one per index), with state, try number and times."""
-    api = f"{url}/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
-    return request("GET", f"{api}/taskInstances?limit=1000", token=token)["task_instances"]
+    return request("GET", f"{_run_api(url, dag_id, run_id)}/taskInstances?limit=1000", token=token)["task_instances"]
 
 
 def main(argv: list[str] | None = None) -> int:
