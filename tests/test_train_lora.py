@@ -143,7 +143,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(finetune_run, 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("rank=0", "rank=0 must be > 0"),
+        ("rank=0", "rank=0 must be in [1, 1024]"),
         ("learning_rate=-0.001", "learning_rate=-0.001 must be in (0, 1]"),
         ("target_modules=q_proj,attn_c", "includes ['attn_c'], which the base model does not have"),
         ("precision=fp16", "precision='fp16' is not one of"),
