@@ -33,7 +33,8 @@ import torch
 
 from stages.core import layout, manifest, models, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
-from stages.core.errors import UserError
+from stages.core.encodings import without_bom
+from stages.core.errors import UserError, shown
 from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.batch_infer")
@@ -140,13 +141,10 @@ def _records(files: list[str]) -> Iterator[tuple[str, int, bytes]]:
     for file in files:
         with store.open_file(file, "rb") as fh:
             for number, raw in enumerate(fh, 1):
+                if number == 1:
+                    raw = without_bom(file, raw)
                 if raw.strip():
                     yield file, number, raw
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
@@ -167,28 +165,28 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
         try:
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            raise UserError(f"{where}: not valid UTF-8: {_show(raw)}") from None
+            raise UserError(f"{where}: not valid UTF-8: {shown(raw)}") from None
         except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
             reason = exc if isinstance(exc, ValueError) else "nested too deeply"
-            raise UserError(f"{where}: not valid JSON ({reason}): {_show(raw.decode('utf-8').rstrip())}") from None
+            raise UserError(f"{where}: not valid JSON ({reason}): {shown(raw.decode('utf-8').rstrip())}") from None
         if not isinstance(obj, dict):
-            raise UserError(f"{where}: a record must be a JSON object, not {_show(obj)}")
+            raise UserError(f"{where}: a record must be a JSON object, not {shown(obj)}")
         if config.id_field not in obj:
-            raise UserError(f"{where}: no {config.id_field!r} field (id_field) in {_show(obj)}")
+            raise UserError(f"{where}: no {config.id_field!r} field (id_field) in {shown(obj)}")
         record_id = obj[config.id_field]
         if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
-            raise UserError(f"{where}: {config.id_field!r} is {_show(record_id)}; ids must be strings or integers")
+            raise UserError(f"{where}: {config.id_field!r} is {shown(record_id)}; ids must be strings or integers")
         key = json.dumps(record_id)
         if key in seen:
             first_file, first_line = seen[key]
             first = f"line {first_line}" if first_file == file else f"{first_file} line {first_line}"
-            raise UserError(f"{where}: duplicate {config.id_field} {_show(record_id)} (first on {first})")
+            raise UserError(f"{where}: duplicate {config.id_field} {shown(record_id)} (first on {first})")
         seen[key] = (file, number)
         if config.prompt_field not in obj:
-            raise UserError(f"{where}: no {config.prompt_field!r} field (prompt_field) in {_show(obj)}")
+            raise UserError(f"{where}: no {config.prompt_field!r} field (prompt_field) in {shown(obj)}")
         text = obj[config.prompt_field]
         if not isinstance(text, str):
-            raise UserError(f"{where}: {config.prompt_field!r} is {_show(text)}, not a string")
+            raise UserError(f"{where}: {config.prompt_field!r} is {shown(text)}, not a string")
         if start <= index < stop:
             kept.append(Prompt(index, where, record_id, text))
     return kept, total

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from stages.core import layout, models, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
+from stages.core.encodings import without_bom
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
 
@@ -137,7 +138,8 @@ def text_files(files: list[str], config: TokenizeConfig) -> tuple[list[str], lis
         )
     if skipped:
         log.warning("skipped %d file(s) that are not running text, such as %s", len(skipped), skipped[0])
-    return [f for f in files if f not in set(skipped)], skipped
+    skip = set(skipped)
+    return [f for f in files if f not in skip], skipped
 
 
 def decode(raw: bytes) -> tuple[str, bool]:
@@ -148,40 +150,15 @@ def decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-UTF8_BOM = b"\xef\xbb\xbf"
-OTHER_ENCODINGS = {  # byte-order marks of encodings that are not UTF-8 (UTF-32's first: FF FE 00 00)
-    b"\xff\xfe\x00\x00": "UTF-32 (little-endian)",
-    b"\x00\x00\xfe\xff": "UTF-32 (big-endian)",
-    b"\xff\xfe": "UTF-16 (little-endian)",
-    b"\xfe\xff": "UTF-16 (big-endian)",
-}
-
-
-def without_bom(uri: str, start: bytes) -> bytes:
-    """The file's first bytes without a UTF-8 byte-order mark (Windows tools write one; it would make the
-    first JSON record invalid); a file in another Unicode encoding is refused, naming it."""
-    if start.startswith(UTF8_BOM):
-        return start[len(UTF8_BOM) :]
-    encoding = next((name for mark, name in OTHER_ENCODINGS.items() if start.startswith(mark)), None)
-    sample = start[:4096]
-    if encoding is None and len(sample) >= 16 and sample.count(0) >= 0.4 * len(sample):
-        encoding = "UTF-16 or UTF-32 (no byte-order mark, but every other byte is zero)"
-    if encoding:
-        raise UserError(f"{uri} is {encoding} text; convert it to UTF-8 (for example: iconv -t UTF-8)")
-    return start
-
-
 def decoded_lines(uri: str) -> Iterator[tuple[int, str, bool]]:
     # Decoding line by line is exact: byte 0x0A never occurs inside a multi-byte UTF-8 sequence. So is
     # decoding a chunk of whole lines at once, which costs far less per line; only a chunk that holds
     # invalid UTF-8 is decoded line by line, to flag and replace exactly the lines that hold it.
     with store.open_file(uri, "rb") as fh:
         number = 0
-        first = True
         while chunk := fh.readlines(1 << 20):
-            if first:
+            if number == 0:
                 chunk[0] = without_bom(uri, chunk[0])
-                first = False
             try:
                 lines = b"".join(chunk).decode("utf-8").split("\n")
             except UnicodeDecodeError:

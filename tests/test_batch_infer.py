@@ -363,3 +363,16 @@ def test_sampling_is_reproducible_by_seed(finetune_run, prompts_file, capsys):
     capsys.readouterr()
     assert outputs["sample-a"] == outputs["sample-b"]
     assert outputs["sample-a"] != outputs["sample-c"]
+
+
+def test_prompts_with_a_byte_order_mark_read_like_without(tmp_path):
+    lines = "".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(3)).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines)
+    (tmp_path / "plain.jsonl").write_bytes(lines)
+
+    def read(name: str) -> list:
+        config = batch_infer.BatchInferConfig(base_model="m", prompts_uri=str(tmp_path / name), artifact_root="a")
+        prompts, total = batch_infer.read_prompts(config)
+        return [(p.id, p.text) for p in prompts] + [total]
+
+    assert read("bom.jsonl") == read("plain.jsonl")
