@@ -86,6 +86,10 @@ def refusal(message: str, status: int = 403) -> ApiException:
             "quota", True, ["exceeded quota", "resourceQuota.hard", "within 60 s"],
         ),
         (
+            'pods "x" is forbidden: status unknown for quota: full, resources: pods',
+            "quota", True, ["status unknown for quota", "within 60 s"],
+        ),
+        (
             'pods "x" is forbidden: maximum memory usage per Container is 6Gi, but limit is 8Gi',
             "limitrange", False, ["6Gi", "stages.train_lora.memory", "limitRange.max"],
         ),

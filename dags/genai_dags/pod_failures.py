@@ -132,7 +132,8 @@ def refused_at_admission(exc: Exception, pod: StagePod, namespace: str) -> PodFa
     except (TypeError, ValueError, KeyError):
         reason = str(getattr(exc, "body", "") or exc)
     stage = pod.stage
-    if "exceeded quota" in reason:
+    # A quota the quota controller has not counted yet (just created or changed) refuses pods for a moment.
+    if "exceeded quota" in reason or "status unknown for quota" in reason:
         return PodFailure(
             "quota",
             True,
