@@ -11,6 +11,7 @@ tests print (cause -> task outcome -> tries used -> message) is the one in docs/
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import yaml
@@ -75,6 +76,12 @@ def test_a_full_quota_is_waited_for_then_named_and_retried(platform, tmp_path):
         config["kubernetes"]["startup_timeout_seconds"] = 60  # the room a full quota gets to free up
 
     core.create_namespaced_resource_quota(STAGE_NAMESPACE, full)
+    # Admission enforces a quota once the quota controller has counted it (its status): until then a pod
+    # may be admitted or refused with "status unknown".
+    deadline = time.monotonic() + 30
+    while not (core.read_namespaced_resource_quota("full", STAGE_NAMESPACE).status.hard or {}):
+        assert time.monotonic() < deadline, "the quota controller never counted the quota"
+        time.sleep(0.5)
     try:
         error = stage_alone(platform, tmp_path, "tokenize", "pass", wait_a_minute)
     finally:
