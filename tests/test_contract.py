@@ -206,7 +206,7 @@ def test_failed_stage_leaves_no_output_and_no_manifest(tmp_path, source, fail_wi
 
 
 def test_sigterm_stops_a_stage_at_once_with_143_and_commits_nothing(tmp_path, source):
-    """In a container the stage is PID 1, which SIGTERM's default action spares: the stage handles it."""
+    """A pod deleted or a spot node reclaimed: the stage stops at once, without a traceback."""
     before = signal.getsignal(signal.SIGTERM)
     assert run_echo(f"artifact_root={tmp_path}/art", f"source={source}", "fail_with=sigterm", "repeat=3") == 143
     assert manifest.read(f"file://{tmp_path}/art/runs/dev/echo") is None

@@ -57,7 +57,7 @@ def last_try_pods(cloud):
 
 
 def stage_of(pod: dict) -> str:
-    return pod["spec"]["containers"][0]["command"][2].removeprefix("stages.")
+    return pod["spec"]["containers"][0]["command"][-1].removeprefix("stages.")
 
 
 def base_container(pod: dict) -> dict:
@@ -112,7 +112,7 @@ def test_the_container_runs_the_stage_command_with_key_value_arguments(cloud, po
     for name, pod in pods.items():
         container = base_container(pod)
         stage = stage_of(pod)
-        assert container["command"] == ["python", "-m", f"stages.{stage}"], name
+        assert container["command"] == ["dumb-init", "--", "python", "-m", f"stages.{stage}"], name
         assert name.split(".")[1].split("[")[0] == stage
         assert container["image"] == cfg.image_for(stage)
         assert container["args"][0] == f"artifact_root={cfg.artifact_root}"

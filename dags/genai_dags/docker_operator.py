@@ -117,7 +117,7 @@ def docker_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str,
     uid = _uid(settings)
     return {
         "image": stage.image,
-        "stage_command": list(stage.spec.command),
+        "stage_command": stage.spec.container_command,
         "docker_url": settings.docker.url,
         "environment": container_environment(stage.image),
         "user": f"{uid}:{uid}",

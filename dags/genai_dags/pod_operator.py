@@ -230,7 +230,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
         "in_cluster": k.in_cluster,
         "image": stage.image,
         "image_pull_policy": k.image.pull_policy,
-        "cmds": stage.spec.command,
+        "cmds": stage.spec.container_command,
         "env_vars": container_environment(stage.image),
         "labels": {
             "app.kubernetes.io/name": "genai-stage",

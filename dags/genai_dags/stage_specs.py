@@ -14,6 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+# PID 1 of every stage container (images/stage-base installs it): it forwards signals to the stage, which then
+# gets SIGTERM's default action even before its own handler is installed. As PID 1 itself the stage would be
+# spared that action: a pod deleted while Python still starts would wait out its grace period.
+CONTAINER_INIT = ("dumb-init", "--")
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -33,6 +38,11 @@ class StageSpec:
     @property
     def command(self) -> list[str]:
         return ["python", "-m", self.module]
+
+    @property
+    def container_command(self) -> list[str]:
+        """The command in a container (pod or Docker): the stage under the image's init."""
+        return [*CONTAINER_INIT, *self.command]
 
 
 STAGES: dict[str, StageSpec] = {

@@ -110,9 +110,9 @@ def run_stage(
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(message)s", stream=sys.stderr, force=True
     )
-    # A stage is its container's PID 1, which the kernel spares from SIGTERM's default action: without a
-    # handler, a pod deletion or a spot notice would wait out the whole grace period and end in SIGKILL.
-    # (Signal handlers belong to the main thread: a stage called in another thread keeps the process's.)
+    # SIGTERM (a pod deleted, a spot node reclaimed) stops the stage without a traceback; a training loop
+    # installs its own handler, which checkpoints first. (Signal handlers belong to the main thread: a stage
+    # called in another thread keeps the process's.)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if in_main else None
     try:
@@ -154,7 +154,7 @@ def _scratch(name: str, out_uri: str) -> Iterator[Path]:
             log.info("removing %s, left by an earlier attempt that was killed", old)
             shutil.rmtree(old, ignore_errors=True)
     path = root / f"{tag}.{os.getpid()}"
-    shutil.rmtree(path, ignore_errors=True)  # in a container every attempt is pid 1
+    shutil.rmtree(path, ignore_errors=True)  # in a container, attempts get the same pid
     path.mkdir(mode=0o700)
     try:
         yield path

@@ -46,7 +46,7 @@ def test_every_stage_names_an_image_that_is_built(stage_images):
 @pytest.mark.parametrize("name", sorted(ENTRY_STAGE))
 def test_stage_image_runs_its_stage_as_a_non_root_user(stage_images, name):
     config = inspect(stage_images[name])["Config"]
-    assert config["Entrypoint"] == ["python", "-m", f"stages.{ENTRY_STAGE[name]}"]
+    assert config["Entrypoint"] == ["dumb-init", "--", "python", "-m", f"stages.{ENTRY_STAGE[name]}"]
     assert config["User"] == "10001:10001"
     labels = config["Labels"]
     for key in ("source", "revision", "version", "title"):
@@ -59,6 +59,28 @@ def test_stage_image_runs_its_stage_as_a_non_root_user(stage_images, name):
                   check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "artifact_root" in done.stdout
+
+
+def test_a_stage_without_a_signal_handler_yet_still_stops_on_sigterm(stage_images):
+    """The container's init forwards SIGTERM: a process that has not installed a handler yet (Python still
+    starting) gets the default action and exits 143. As PID 1 it would ignore the signal until SIGKILL (137)."""
+    from genai_dags.stage_specs import CONTAINER_INIT
+
+    started = docker(
+        "run", "--detach", "--user", "12345:12345", "--read-only", "--cap-drop", "ALL", "--network", "none",
+        "--entrypoint", CONTAINER_INIT[0], stage_images["trainer"], *CONTAINER_INIT[1:],
+        "python", "-c", "import time; time.sleep(300)",
+    )  # fmt: skip
+    container = started.stdout.strip()
+    try:
+        docker("stop", "--time", "60", container)
+        assert inspect_container(container)["State"]["ExitCode"] == 128 + 15
+    finally:
+        docker("rm", "--force", container, check=False)
+
+
+def inspect_container(container: str) -> dict:
+    return json.loads(docker("container", "inspect", container).stdout)[0]
 
 
 @pytest.mark.parametrize("name", sorted(ENTRY_STAGE))

@@ -31,6 +31,7 @@ import yaml
 
 from genai_dags import render_pods
 from genai_dags.settings import load_file
+from genai_dags.stage_specs import CONTAINER_INIT
 from tests.docker.conftest import ROOT, docker, numbers
 
 pytestmark = pytest.mark.docker
@@ -144,7 +145,8 @@ def chained(pods, tiny_base_model, folio_corpus, tmp_path_factory) -> dict:
         # The local runtime's command: the same stage module and arguments, on the host's interpreter.
         result_path = base / f"local-{stage}.json"
         env = {**os.environ, "STAGE_RESULT_PATH": str(result_path), "PYTHONPATH": str(ROOT)}
-        command = [sys.executable, *main_container(pod)["command"][1:], *pod_args(pod, str(local))]
+        python_m = main_container(pod)["command"][len(CONTAINER_INIT) + 1 :]  # the init and "python" left out
+        command = [sys.executable, *python_m, *pod_args(pod, str(local))]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{stage} locally:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         results["local"][stage] = json.loads(result_path.read_text())
@@ -162,7 +164,7 @@ def files(folder: Path) -> dict[str, Path]:
 def test_every_stage_ran_in_its_image_with_the_pod_command(pods, stage_images):
     for stage, pod in pods.items():
         container = main_container(pod)
-        assert container["command"] == ["python", "-m", f"stages.{stage}"]
+        assert container["command"] == ["dumb-init", "--", "python", "-m", f"stages.{stage}"]
         assert container["image"] in stage_images.values()
         assert main_container(pod)["securityContext"]["readOnlyRootFilesystem"] is True
 
