@@ -23,7 +23,7 @@ attention, no activation checkpointing. MFU counts, per trained token,
 against the card's dense bf16 peak (989 TFLOP/s for H100 SXM and H200; --peak-tflops overrides).
 The full-square attention count (PaLM's 12 x layers x seq x hidden) is reported too.
 
-Batch inference: ``stages.batch_infer.generate_completions`` (length-sorted, left-padded batches of 64,
+Batch inference: ``stages.core.generation.generate_completions`` (length-sorted, left-padded batches of 64,
 ``torch.inference_mode``) on the trained model with the adapter merged, vs ``model.generate`` per
 prompt on the PEFT model as trained (the per-prompt loop runs a subset of the prompts: its rate per
 token does not depend on how many). Greedy; outputs of the subset are compared.
@@ -197,7 +197,7 @@ def peak_tflops(device: torch.device) -> float:
 
 @torch.inference_mode()
 def infer(model, args: argparse.Namespace, device: torch.device) -> dict:
-    from stages.batch_infer import generate_completions
+    from stages.core.generation import generate_completions
 
     tokenizer = build_tokenizer(args.vocab)
     generator = torch.Generator().manual_seed(1)

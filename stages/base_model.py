@@ -2,10 +2,11 @@
 
     python -m stages.base_model corpus_uri='/data/texts/*.txt' run_id=base-tiny
 
-Trains a byte-level BPE tokenizer on the corpus, then pretrains a tiny Llama-style causal LM on it
-for a fixed number of steps on CPU, and saves both with ``save_pretrained`` under
-``<artifact_root>/runs/<run_id>/base_model/model/``. Production users skip this stage and name a
-hub model id or the URI of a saved model as ``base_model``.
+Trains a byte-level BPE tokenizer on the corpus (with ChatML's turn markers as special tokens and
+ChatML as its chat template, so that the model can be fine-tuned on conversations), then pretrains a
+tiny Llama-style causal LM on it for a fixed number of steps on CPU, and saves both with
+``save_pretrained`` under ``<artifact_root>/runs/<run_id>/base_model/model/``. Production users skip
+this stage and name a hub model id or the URI of a saved model as ``base_model``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.core import store, uris
+from stages.core import chat, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -95,14 +96,16 @@ def train_tokenizer(texts: list[str], vocab_size: int, context_length: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=[EOS, *chat.CHATML_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=context_length
     )
+    tokenizer.chat_template = chat.CHATML
+    return tokenizer
 
 
 def build(config: BaseModelConfig, run: StageRun) -> dict:

@@ -2,7 +2,9 @@
 
     python -m stages.batch_infer base_model=s3://bucket/models/base run_id=exp1 prompts_uri=s3://bucket/prompts.jsonl
 
-Reads ``{"id": ..., "prompt": ...}`` records, generates a completion for each (greedy by default) in
+Reads ``{"id": ..., "prompt": ...}`` records, or chat records ``{"id": ..., "messages": [...]}`` (rendered
+with the adapter's chat template and its generation prompt; a completion stops at the template's end of
+turn and holds the assistant's text only), generates a completion for each (greedy by default) in
 length-sorted, left-padded batches, and writes ``predictions.jsonl`` in input order:
 
     {"id": ..., "completion": "...", "prompt_tokens": 17, "completion_tokens": 64}
@@ -31,10 +33,11 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from stages.core import layout, manifest, models, store, uris
+from stages.core import chat, layout, manifest, models, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.encodings import without_bom
 from stages.core.errors import UserError, shown
+from stages.core.generation import encode_prompts, generate_completions
 from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.batch_infer")
@@ -52,6 +55,9 @@ class BatchInferConfig(StageConfig):
     )
     id_field: str = help_field("id", "Key of each record's unique id (a string or an integer).")
     prompt_field: str = help_field("prompt", "Key of each record's prompt text.")
+    messages_field: str = help_field(
+        "messages", "Key of a chat record's turns ({role, content} objects), used instead of prompt_field."
+    )
     shard_index: int = help_field(0, "Which shard of the prompts this task completes (0-based).")
     num_shards: int = help_field(1, "How many shards the prompts are split into (contiguous slices of records).")
     batch_size: int = help_field(64, "Prompts per generate call.", bounds=(1, 4096))
@@ -80,6 +86,7 @@ class BatchInferConfig(StageConfig):
         self.prompts_uri = uris.normalize_uri(self.prompts_uri, "prompts_uri")
         check(bool(self.id_field), "id_field must not be empty")
         check(bool(self.prompt_field), "prompt_field must not be empty")
+        check(bool(self.messages_field), "messages_field must not be empty")
         check(1 <= self.num_shards <= 99_999, f"num_shards={self.num_shards} must be in [1, 99999]")
         check(
             0 <= self.shard_index < self.num_shards,
@@ -133,7 +140,7 @@ class Prompt(NamedTuple):
     index: int  # 0-based record index over all files
     where: str  # "<file> line <n>"
     id: str | int
-    text: str
+    text: str | list[dict[str, str]]  # a prompt, or the turns of a chat record
 
 
 def _records(files: list[str]) -> Iterator[tuple[str, int, bytes]]:
@@ -182,11 +189,9 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
             first = f"line {first_line}" if first_file == file else f"{first_file} line {first_line}"
             raise UserError(f"{where}: duplicate {config.id_field} {shown(record_id)} (first on {first})")
         seen[key] = (file, number)
-        if config.prompt_field not in obj:
-            raise UserError(f"{where}: no {config.prompt_field!r} field (prompt_field) in {shown(obj)}")
-        text = obj[config.prompt_field]
-        if not isinstance(text, str):
-            raise UserError(f"{where}: {config.prompt_field!r} is {shown(text)}, not a string")
+        text = prompt_of(obj, config, where)
+        if kept and isinstance(text, str) != isinstance(kept[0].text, str):
+            raise UserError(f"{where}: prompts_uri mixes text prompts and chat records; give one kind per run")
         if start <= index < stop:
             kept.append(Prompt(index, where, record_id, text))
     return kept, total
@@ -196,82 +201,40 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
 # Generation
 
 
-def encode_prompts(tokenizer, texts: list[str], limit: int) -> tuple[list[list[int]], list[bool]]:
-    """Token ids per prompt (with the tokenizer's usual special tokens), cut from the left to ``limit``.
-
-    A leading BOS that the tokenizer adds is kept when the prompt is cut: the model expects it first.
-    An empty prompt starts from BOS (or end-of-text), as a document does: generate() needs one token.
-    """
-    encoded = tokenizer(texts, return_attention_mask=False, verbose=False)["input_ids"] if texts else []
-    bos = tokenizer.bos_token_id
-    start = bos if bos is not None else tokenizer.eos_token_id
-    ids, truncated = [], []
-    for tokens in encoded:
-        if not tokens:
-            tokens = [start]
-        cut = len(tokens) > limit
-        if cut:
-            keeps_bos = bos is not None and tokens[0] == bos and limit > 1
-            tokens = [bos, *tokens[len(tokens) - limit + 1 :]] if keeps_bos else tokens[len(tokens) - limit :]
-        ids.append(tokens)
-        truncated.append(cut)
-    return ids, truncated
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-
-@torch.inference_mode()
-def generate_completions(
-    model,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    *,
-    batch_size: int,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    device: torch.device | None = None,
-) -> tuple[list[list[int]], int]:
-    """Generated token ids per prompt (in the given order, cut before the first stop token), and the batch count.
-
-    Prompts run longest first in batches of similar length, left-padded with attention masks so every
-    prompt's last token sits at the same position and generate() derives positions from the mask.
-    """
-    device = device or next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    stops = stop_token_ids(model, tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-    # A cache allocated once for prompt + new tokens and written in place, instead of one that grows by
-    # concatenation at every step: the same tokens, 3-15% faster on CPU (bench/bench_batch_infer.py).
-    # Models that declare static-cache (compile) support get it; others keep the default.
-    cache = {"cache_implementation": "static"} if getattr(model, "_can_compile_fullgraph", False) else {}
-    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), i))
-    outputs: list[list[int]] = [[] for _ in prompt_ids]
-    batches = 0
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        padded = tokenizer.pad({"input_ids": [prompt_ids[i] for i in chunk]}, padding=True, return_tensors="pt")
-        generated = model.generate(
-            input_ids=padded["input_ids"].to(device),
-            attention_mask=padded["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stops or None,
-            **({"do_sample": False} | sampling | cache),
+def prompt_of(obj: dict, config: BatchInferConfig, where: str) -> str | list[dict[str, str]]:
+    """A record's prompt text, or the turns of a chat record (which must not end with the assistant)."""
+    if config.messages_field in obj:
+        try:
+            turns = chat.conversation(obj, chat.Fields(messages=config.messages_field))
+        except chat.BadRecord as exc:
+            raise UserError(f"{where}: {exc}") from None
+        unknown = sorted({t["role"] for t in turns} - set(chat.ROLES))
+        if unknown or not turns or turns[-1]["role"] == "assistant":
+            problem = (
+                f"unknown role {shown(unknown[0])}"
+                if unknown
+                else "no turn to answer (empty or ends with the assistant)"
+            )
+            raise UserError(f"{where}: {config.messages_field!r} has {problem}")
+        return turns
+    if config.prompt_field not in obj:
+        raise UserError(
+            f"{where}: no {config.prompt_field!r} field (prompt_field) nor {config.messages_field!r} in {shown(obj)}"
         )
-        width = padded["input_ids"].shape[1]
-        for row, i in zip(generated[:, width:].tolist(), chunk, strict=True):
-            end = next((k for k, token in enumerate(row) if token in stops), len(row))
-            outputs[i] = row[:end]
-        batches += 1
-    return outputs, batches
+    text = obj[config.prompt_field]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: {config.prompt_field!r} is {shown(text)}, not a string")
+    return text
+
+
+def chat_prompt_ids(renderer: chat.Renderer, prompts: list[Prompt], limit: int) -> tuple[list[list[int]], list[bool]]:
+    """Each conversation rendered with the generation prompt; cut from the left to ``limit`` tokens."""
+    ids, truncated = [], []
+    for prompt in prompts:
+        tokens = renderer.prompt_ids(prompt.text)
+        ids.append(tokens[-limit:])
+        truncated.append(len(tokens) > limit)
+    return ids, truncated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,9 +242,10 @@ def generate_completions(
 
 
 def load(config: BatchInferConfig, run: StageRun, device: torch.device, dtype: torch.dtype):
+    """The model, its tokenizer, and the chat template the adapter was trained with (None if none was)."""
     if config.adapter_uri == NO_ADAPTER:
         with models.model_dir(config.base_model) as base_path:
-            return models.load_model(base_path, dtype, device), models.load_tokenizer(base_path)
+            return models.load_model(base_path, dtype, device), models.load_tokenizer(base_path), None
     from peft import PeftModel
 
     with models.adapter_dir(config.adapter_uri, run.inputs["base_model"]["sha256"], config.base_model) as adapter_path:
@@ -289,9 +253,10 @@ def load(config: BatchInferConfig, run: StageRun, device: torch.device, dtype: t
             base = models.load_model(base_path, dtype, device)
             tokenizer = models.load_tokenizer(base_path)
         model = PeftModel.from_pretrained(base, str(adapter_path)).to(device)
+        template = chat.saved_template(adapter_path)
     if config.merge_adapter:
         model = model.merge_and_unload()
-    return model, tokenizer
+    return model, tokenizer, template
 
 
 def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
@@ -303,7 +268,7 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
     )  # fmt: skip
     device = models.pick_device(config.device)
     dtype = models.pick_dtype(config.precision, device)
-    model, tokenizer = load(config, run, device, dtype)
+    model, tokenizer, template = load(config, run, device, dtype)
     model.eval()
 
     context = models.context_length(model.config, tokenizer)
@@ -317,7 +282,13 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
         raise UserError(
             f"max_new_tokens={config.max_new_tokens} leaves no room for a prompt in base_model's context of {context}"
         )
-    prompt_ids, truncated = encode_prompts(tokenizer, [p.text for p in prompts], limit)
+    stops = None  # the model's own end-of-text
+    if prompts and isinstance(prompts[0].text, list):
+        renderer = chat.Renderer(tokenizer, template or chat.resolve_template(tokenizer, "", config.base_model))
+        prompt_ids, truncated = chat_prompt_ids(renderer, prompts, limit)
+        stops = renderer.stop_ids()
+    else:
+        prompt_ids, truncated = encode_prompts(tokenizer, [p.text for p in prompts], limit)
     if any(truncated):
         log.warning("%d prompts longer than %d tokens were cut from the left", sum(truncated), limit)
 
@@ -334,6 +305,7 @@ def batch_infer(config: BatchInferConfig, run: StageRun) -> dict[str, Any]:
         top_p=config.top_p,
         top_k=config.top_k,
         device=device,
+        stops=stops,
     )
     seconds = time.perf_counter() - started
 

@@ -1,4 +1,4 @@
-"""Held-out perplexity of the base model and of base + LoRA adapter, a quality gate, and a small report.
+"""Held-out scores of the base model and of base + LoRA adapter, a quality gate, and a small report.
 
     python -m stages.evaluate base_model=s3://bucket/models/base run_id=exp1 min_relative_improvement=0.02
 
@@ -6,12 +6,18 @@ Scores every document of ``validation_docs.jsonl`` (written by ``tokenize``) the
 lm-evaluation-harness 0.4.x scores ``loglikelihood_rolling`` tasks (wikitext and friends): the same
 tokenization, the same rolling windows, the same word and byte counts, so the numbers here are the
 numbers ``lm_eval --model hf --model_args pretrained=<base>,peft=<adapter>`` prints for a task over
-the same documents. Outputs under ``<artifact_root>/runs/<run_id>/evaluate/``:
+the same documents.
 
-    metrics.json      base and adapted perplexities, relative improvement, quality gate verdict
+Held-out conversations (tokenize with ``task=sft``) are scored the way they were trained: the loss and
+perplexity over the assistant's tokens (the adapter's chat template, labels as in training), then each
+conversation's last assistant turn is generated greedily from the turns before it (stopping at the
+template's end of turn) and compared with the reference: exact match (after trimming whitespace) and
+chrF (sacrebleu's corpus chrF, as a fraction). Outputs under ``<artifact_root>/runs/<run_id>/evaluate/``:
+
+    metrics.json      base and adapted scores, their improvement, quality gate verdict
     samples.jsonl     greedy completions of the adapted and the base model for held-out prompts
     loss_curve.png    training loss from the adapter run's train_log.jsonl
-    perplexity.png    perplexity before / after
+    perplexity.png    scores before / after
     report.md         a human summary of all of the above
 
 The stage reports a failed quality gate (``metrics.quality_gate.passed`` is false) and still exits 0:
@@ -20,6 +26,7 @@ the DAG decides what a failed gate means.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -33,14 +40,18 @@ from typing import Any, Literal
 
 import torch
 
-from stages.core import layout, models, store, uris
+from stages.core import chat, layout, models, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.errors import UserError
+from stages.core.generation import generate_completions
 from stages.core.runner import StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.evaluate")
 
 PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity")
+# Scores of held-out conversations (task=sft). The gate compares the relative decrease of the perplexity and
+# the gain (adapted - base, a fraction in [-1, 1]) of exact match and chrF.
+SFT_METRICS = ("assistant_perplexity", "exact_match", "chrf")
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM context when neither model config nor tokenizer gives one
 SAMPLE_PROMPT_TOKENS = 32
 
@@ -55,11 +66,17 @@ class EvaluateConfig(StageConfig):
     max_length: int = help_field(
         0, "Tokens per scoring window; 0 takes the model's context length (max_position_embeddings), as lm-eval does."
     )
-    gate_metric: Literal["word_perplexity", "byte_perplexity", "token_perplexity"] = help_field(
-        "word_perplexity", "Metric the quality gate compares."
+    gate_metric: Literal[
+        "auto", "word_perplexity", "byte_perplexity", "token_perplexity", "assistant_perplexity", "exact_match", "chrf"
+    ] = help_field(
+        "auto",
+        "Metric the quality gate compares; auto: word_perplexity for held-out text, assistant_perplexity for "
+        "held-out conversations (exact_match and chrf also apply to conversations).",
     )
     min_relative_improvement: float = help_field(
-        0.02, "Gate passes when (base - adapted) / base of gate_metric is at least this (negative allows a loss)."
+        0.02,
+        "Gate passes when the improvement of gate_metric is at least this (negative allows a loss): "
+        "(base - adapted) / base for a perplexity, adapted - base for exact_match and chrf.",
     )
     num_samples: int = help_field(
         4, "Held-out prompts to complete with both models for samples.jsonl.", bounds=(0, 1000)
@@ -226,14 +243,28 @@ def relative_improvements(base: dict[str, float], adapted: dict[str, float]) -> 
     return {m: (base[m] - adapted[m]) / base[m] for m in PERPLEXITY_METRICS}
 
 
+def resolve_gate_metric(config: EvaluateConfig, sft: bool) -> str:
+    """The metric the gate compares: ``gate_metric``, or for auto the main one of the held-out data's kind."""
+    if config.gate_metric == "auto":
+        return "assistant_perplexity" if sft else "word_perplexity"
+    if sft != (config.gate_metric in SFT_METRICS):
+        held_out, fits = ("conversations", SFT_METRICS) if sft else ("text", PERPLEXITY_METRICS)
+        raise UserError(
+            f"gate_metric={config.gate_metric} does not apply to dataset_uri={config.dataset_uri!r}, which holds "
+            f"held-out {held_out}: use one of {', '.join(m for m in fits if m != 'bits_per_byte')}"
+        )
+    return config.gate_metric
+
+
 def quality_gate(improvement: dict[str, float], metric: str, threshold: float) -> dict[str, Any]:
     value = improvement[metric]
     passed = value >= threshold
+    unit = " points" if metric in ("exact_match", "chrf") else ""  # a gain of a fraction, not a relative change
     if value >= 0:
-        change = f"{metric} improved {value:.1%}"
+        change = f"{metric} improved {value:.1%}{unit}"
     else:
-        change = f"{metric} got worse by {-value:.1%}"
-    reason = f"{change} ({'>=' if passed else '<'} {threshold:.1%} required)"
+        change = f"{metric} got worse by {-value:.1%}{unit}"
+    reason = f"{change} ({'>=' if passed else '<'} {threshold:.1%}{unit} required)"
     return {"passed": passed, "reason": reason, "metric": metric, "threshold": threshold, "value": value}
 
 
@@ -241,21 +272,28 @@ def quality_gate(improvement: dict[str, float], metric: str, threshold: float) -
 # Inputs
 
 
-def read_documents(dataset_uri: str, max_docs: int) -> list[str]:
+def read_documents(dataset_uri: str, max_docs: int) -> list[str] | list[list[dict[str, str]]]:
+    """The held-out documents (``{"text": ...}`` lines) or conversations (``{"messages": [...]}`` lines)."""
     uri = uris.join(dataset_uri, layout.VALIDATION_DOCS)
-    docs: list[str] = []
+    docs: list = []
+    kind = None
     try:
         with store.open_file(uri, "rb") as fh:
             for number, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
                 try:
-                    text = json.loads(raw)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{uri} line {number}: not a JSON object with a 'text' string") from None
-                if not isinstance(text, str):
-                    raise UserError(f"{uri} line {number}: 'text' is {type(text).__name__}, not a string")
-                docs.append(text)
+                    obj = json.loads(raw)
+                    key = "messages" if "messages" in obj else "text"
+                    doc = chat.conversation(obj, chat.Fields()) if key == "messages" else obj["text"]
+                except (ValueError, KeyError, TypeError, chat.BadRecord):
+                    raise UserError(f"{uri} line {number}: not a JSON object with a 'text' or 'messages'") from None
+                if not isinstance(doc, (str, list)):
+                    raise UserError(f"{uri} line {number}: 'text' is {type(doc).__name__}, not a string")
+                if kind not in (None, key):
+                    raise UserError(f"{uri} line {number}: mixes held-out texts and conversations")
+                kind = key
+                docs.append(doc)
                 if max_docs and len(docs) == max_docs:
                     break
     except FileNotFoundError:
@@ -329,13 +367,18 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_perplexity(base: dict[str, float], adapted: dict[str, float], path: Path) -> None:
+def plot_perplexity(
+    base: dict[str, float],
+    adapted: dict[str, float],
+    path: Path,
+    shown: tuple[str, ...] = ("word_perplexity", "token_perplexity", "byte_perplexity"),
+    title: str = "held-out perplexity (lower is better)",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("word_perplexity", "token_perplexity", "byte_perplexity")
     fig, axes = plt.subplots(1, len(shown), figsize=(9, 3.5), dpi=100)
     for ax, metric in zip(axes, shown, strict=True):
         values = [base[metric], adapted[metric]]
@@ -343,7 +386,7 @@ def plot_perplexity(base: dict[str, float], adapted: dict[str, float], path: Pat
         ax.bar_label(bars, labels=[f"{v:.3g}" for v in values])
         ax.set_title(metric.replace("_", " "))
         ax.margins(y=0.15)
-    fig.suptitle("held-out perplexity (lower is better)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -415,9 +458,12 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     device = models.pick_device(config.device)
     dtype = models.pick_dtype(config.precision, device)
     docs = read_documents(config.dataset_uri, config.max_eval_docs)
+    sft = isinstance(docs[0], list)
+    gate_metric = resolve_gate_metric(config, sft)
 
     with models.adapter_dir(config.adapter_uri, run.inputs["base_model"]["sha256"], config.base_model) as adapter:
         history = read_train_log(adapter.parent / layout.TRAIN_LOG)
+        saved_template = chat.saved_template(adapter)
         with models.model_dir(config.base_model) as base_path:
             tokenizer = models.load_tokenizer(base_path)
             # HFLM.max_length when none is given (lm_eval.models.utils.resolve_max_length): the model config's
@@ -429,6 +475,10 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
             base = models.load_model(base_path, dtype, device)
         model = PeftModel.from_pretrained(base, str(adapter)).to(device)
     model.eval()
+    if sft:
+        template = saved_template or chat.resolve_template(tokenizer, "", config.base_model)
+        renderer = chat.Renderer(tokenizer, template)
+        return evaluate_sft(config, run, model, renderer, docs, history, gate_metric, context, device)
     prefix_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix_token is None:
         raise UserError(f"base_model={config.base_model!r} has neither a bos nor an eos token to start documents with")
@@ -454,8 +504,9 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     base_scores = perplexities(sum(base_ll), words, n_bytes, tokens)
     adapted_scores = perplexities(sum(adapted_ll), words, n_bytes, tokens)
     improvement = relative_improvements(base_scores, adapted_scores)
-    gate = quality_gate(improvement, config.gate_metric, config.min_relative_improvement)
+    gate = quality_gate(improvement, gate_metric, config.min_relative_improvement)
     metrics = {
+        "task": "causal_lm",
         "base": base_scores,
         "adapted": adapted_scores,
         "relative_improvement": improvement,
@@ -482,13 +533,182 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     store.write_text(run.output(layout.REPORT), render_report(metrics, samples, config))
     store.write_text(run.output(layout.METRICS), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
-    m = config.gate_metric
+    m = gate_metric
     log.info(
         "%s %.4f -> %.4f (%+.1f%%), %.0f tokens/s; quality gate %s: %s",
         m, base_scores[m], adapted_scores[m], 100 * improvement[m], metrics["tokens_per_second"],
         "passed" if gate["passed"] else "FAILED", gate["reason"],
     )  # fmt: skip
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out conversations (task=sft)
+
+
+@torch.inference_mode()
+def assistant_loglikelihood(model, examples: list[tuple[list[int], list[int]]], batch_size: int, device) -> float:
+    """Sum of log p(token | the tokens before it) over every labelled token of every example."""
+    total = torch.zeros((), dtype=torch.float64)
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        width = len(chunk[0][0])
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), chat.IGNORE, dtype=torch.long)
+        for j, (row_ids, row_labels) in enumerate(chunk):  # right-padded: no real token attends to padding
+            ids[j, : len(row_ids)] = torch.tensor(row_ids)
+            labels[j, : len(row_labels)] = torch.tensor(row_labels)
+        logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
+        targets = labels[:, 1:].to(logits.device)
+        scored = targets != chat.IGNORE
+        logprobs = logits[scored].float().log_softmax(dim=-1)
+        total += logprobs.gather(1, targets[scored][:, None]).sum(dtype=torch.float64).cpu()
+    return float(total)
+
+
+def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (whitespace-trimmed) and sacrebleu's corpus chrF, both as fractions."""
+    import sacrebleu
+
+    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
+    return {
+        "exact_match": exact / len(references),
+        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score / 100,
+    }
+
+
+def evaluate_sft(
+    config: EvaluateConfig,
+    run: StageRun,
+    model,
+    renderer: chat.Renderer,
+    conversations: list[list[dict[str, str]]],
+    history: list[dict[str, Any]],
+    gate_metric: str,
+    context: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    tokenizer = renderer.tokenizer
+    kept, examples, prompts, references = [], [], [], []
+    for turns in conversations:
+        chat.check_trainable(turns)
+        ids, labels = renderer.example(turns)
+        prompt = renderer.prompt_ids(turns[:-1])
+        if len(ids) > context or len(prompt) + config.sample_max_new_tokens > context:
+            continue  # tokenize kept it for a block that fit; it does not fit with room to generate
+        kept.append(turns)
+        examples.append((ids, labels))
+        prompts.append(prompt)
+        references.append(turns[-1]["content"])
+    if not examples:
+        raise UserError(f"no held-out conversation fits base_model's context of {context} tokens")
+    loss_tokens = sum(sum(1 for x in labels[1:] if x != chat.IGNORE) for _, labels in examples)
+    log.info(
+        "scoring %d held-out conversations (%d assistant tokens) and generating their last assistant turn",
+        len(examples), loss_tokens,
+    )  # fmt: skip
+    stops = renderer.stop_ids()
+    started = time.perf_counter()
+    scores = {}
+    for name in ("adapted", "base"):
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            loglikelihood = assistant_loglikelihood(model, examples, config.batch_size, device)
+            generated, _ = generate_completions(
+                model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=config.sample_max_new_tokens,
+                device=device, stops=stops,
+            )  # fmt: skip
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+        scores[name] = {
+            "assistant_loss": -loglikelihood / loss_tokens,
+            "assistant_perplexity": math.exp(-loglikelihood / loss_tokens),
+            **text_scores(texts, references),
+        }
+        scores[name + "_texts"] = texts
+    seconds = time.perf_counter() - started
+    base, adapted = scores["base"], scores["adapted"]
+    improvement = {
+        "assistant_perplexity": (base["assistant_perplexity"] - adapted["assistant_perplexity"])
+        / base["assistant_perplexity"],
+        "exact_match": adapted["exact_match"] - base["exact_match"],
+        "chrf": adapted["chrf"] - base["chrf"],
+    }
+    gate = quality_gate(improvement, gate_metric, config.min_relative_improvement)
+    metrics = {
+        "task": "sft",
+        "base": base,
+        "adapted": adapted,
+        "improvement": improvement,
+        "quality_gate": gate,
+        "conversations": len(examples),
+        "assistant_tokens": loss_tokens,
+        "eval_seconds": round(seconds, 3),
+        "device": str(device),
+    }
+    for model_name in ("base", "adapted"):
+        value = metrics[model_name]["assistant_perplexity"]
+        if not math.isfinite(value) or value < 1:
+            raise RuntimeError(f"{model_name} assistant_perplexity is {value}: the scoring is broken")
+
+    samples = [
+        {"prompt": turns[-2]["content"] if len(turns) > 1 else "", "adapted": a, "base": b, "reference": ref}
+        for turns, a, b, ref in zip(kept, scores["adapted_texts"], scores["base_texts"], references, strict=True)
+    ][: config.num_samples]
+    plot_loss_curve(history, run.scratch / layout.LOSS_CURVE)
+    plot_perplexity(base, adapted, run.scratch / layout.PERPLEXITY_PLOT, shown=SFT_METRICS,
+                    title="held-out conversations")  # fmt: skip
+    for name in (layout.LOSS_CURVE, layout.PERPLEXITY_PLOT):
+        store.upload_file(run.scratch / name, run.output(name))
+    store.write_text(run.output(layout.SAMPLES), "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    store.write_text(run.output(layout.REPORT), render_sft_report(metrics, samples, config))
+    store.write_text(run.output(layout.METRICS), json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    log.info(
+        "assistant perplexity %.3f -> %.3f, exact match %.1f%% -> %.1f%%, chrF %.3f -> %.3f; quality gate %s: %s",
+        base["assistant_perplexity"], adapted["assistant_perplexity"], 100 * base["exact_match"],
+        100 * adapted["exact_match"], base["chrf"], adapted["chrf"], "passed" if gate["passed"] else "FAILED",
+        gate["reason"],
+    )  # fmt: skip
+    return metrics
+
+
+def render_sft_report(metrics: dict[str, Any], samples: list[dict], config: EvaluateConfig) -> str:
+    gate = metrics["quality_gate"]
+    lines = [
+        "# Evaluation report (held-out conversations)",
+        "",
+        f"- base model: `{config.base_model}`",
+        f"- adapter: `{config.adapter_uri}`",
+        f"- held-out conversations: {metrics['conversations']} ({metrics['assistant_tokens']} assistant tokens); "
+        "the last assistant turn of each generated greedily",
+        "",
+        f"## Quality gate: {'PASSED' if gate['passed'] else 'FAILED'}",
+        "",
+        gate["reason"] + ".",
+        "",
+        "| metric | base | adapted | improvement |",
+        "|---|---:|---:|---:|",
+    ]
+    for m in SFT_METRICS:
+        base, adapted, gain = metrics["base"][m], metrics["adapted"][m], metrics["improvement"][m]
+        lines.append(f"| {m} | {base:.4f} | {adapted:.4f} | {gain:+.2%} |")
+    lines += ["", f"![scores before and after]({layout.PERPLEXITY_PLOT})", "", "## Training loss", "",
+              f"![training loss]({layout.LOSS_CURVE})", "", "## Samples (greedy)", ""]  # fmt: skip
+    if not samples:
+        lines.append("No samples were generated.")
+    for i, sample in enumerate(samples, 1):
+        lines += [
+            f"### Sample {i}",
+            "",
+            f"**Prompt:** {_quote(sample['prompt'])}",
+            "",
+            f"**Reference:** {_quote(sample['reference'])}",
+            "",
+            f"**Adapted:** {_quote(sample['adapted'])}",
+            "",
+            f"**Base:** {_quote(sample['base'])}",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def sanity_check(metrics: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from stages.core import layout, models, store, uris
+from stages.core import chat, layout, models, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.encodings import without_bom
 from stages.core.errors import UserError
@@ -70,6 +70,26 @@ class TokenizeConfig(StageConfig):
     batch_size: int = help_field(
         1000, "Documents per tokenizer call (the fast tokenizer spreads a call over all cores)."
     )
+    task: Literal["causal_lm", "sft"] = help_field(
+        "causal_lm",
+        "causal_lm: raw text, every token trained; sft: conversations or prompt/completion pairs (JSONL or "
+        "Parquet) rendered with a chat template, the loss on the assistant's tokens.",
+    )
+    chat_template: str = help_field(
+        "", "task=sft: empty uses the tokenizer's own template; 'chatml' a built-in; else the URI of a Jinja file."
+    )
+    messages_field: str = help_field("messages", "task=sft: the key / column of a conversation's list of turns.")
+    prompt_field: str = help_field("prompt", "task=sft: the key / column of a prompt (records without messages).")
+    completion_field: str = help_field("completion", "task=sft: the key / column of the prompt's completion.")
+    train_on: Literal["assistant", "all"] = help_field(
+        "assistant", "task=sft: which tokens carry loss: the assistant's turns (and their end-of-turn), or all."
+    )
+    packing: bool = help_field(
+        True, "task=sft: several examples per block (attention kept inside each); false: one example per block."
+    )
+    truncation: bool = help_field(
+        False, "task=sft: cut an example longer than block_size to block_size; false drops it (counted too_long)."
+    )
 
     # How the work is chunked does not change a single token of the output.
     OPERATIONAL = frozenset({"batch_size"})
@@ -89,10 +109,23 @@ class TokenizeConfig(StageConfig):
         )
         check(0 <= self.max_bad_fraction <= 1, f"max_bad_fraction={self.max_bad_fraction} must be between 0 and 1")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        for name in ("messages_field", "prompt_field", "completion_field"):
+            check(bool(getattr(self, name)), f"{name} must not be empty")
+        if chat.is_template_uri(self.chat_template):
+            self.chat_template = uris.normalize_uri(self.chat_template, "chat_template")
+        else:
+            check(
+                self.chat_template in ("", *chat.BUILTIN_TEMPLATES),
+                f"chat_template={self.chat_template!r} is neither a built-in template "
+                f"({', '.join(chat.BUILTIN_TEMPLATES)}) nor a URI of a template file",
+            )
 
 
 def inputs(config: TokenizeConfig) -> dict[str, str]:
-    return {"input_uri": config.input_uri, "base_model": config.base_model}
+    found = {"input_uri": config.input_uri, "base_model": config.base_model}
+    if config.task == "sft" and chat.is_template_uri(config.chat_template):
+        found["chat_template"] = config.chat_template
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +596,8 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     with models.model_dir(config.base_model) as path:
         tokenizer = models.load_tokenizer(path)
         context = models.context_length(models.load_model_config(path), tokenizer)
+    if config.task == "sft":
+        return tokenize_sft(config, run, tokenizer, context)
     if tokenizer.eos_token_id is None:
         raise UserError(f"base_model={config.base_model!r} has a tokenizer without an eos token to separate documents")
     # An unknown context length leaves block_size unchecked here; train_lora checks it against the model.
@@ -640,6 +675,193 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
         metrics["tokens_per_second"],
     )
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# task=sft: conversations rendered with a chat template, labels on the assistant's tokens
+
+SFT_UNUSABLE = ("bad_json", "bad_conversation")
+
+
+def read_objects(uri: str, config: TokenizeConfig) -> Iterator[tuple[int, Any, str | None]]:
+    """(line or row, record, problem) of a JSONL or Parquet file; the record is None when the problem is set."""
+    fmt = file_format(uri, config.input_format)
+    if fmt == "jsonl":
+        for number, line, _ in decoded_lines(uri):
+            if line.strip():
+                try:
+                    yield number, json.loads(line), None
+                except (ValueError, RecursionError):
+                    yield number, None, "bad_json"
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        wanted = (config.messages_field, config.prompt_field, config.completion_field)
+        with store.open_file(uri, "rb") as fh:
+            try:
+                parquet = pq.ParquetFile(fh)
+            except pa.ArrowInvalid as exc:
+                raise UserError(f"{uri} is not a readable Parquet file: {exc}") from None
+            columns = [c for c in wanted if c in parquet.schema_arrow.names]
+            if not columns:
+                raise UserError(f"{uri} has none of the columns {', '.join(wanted)} (task=sft)")
+            row = 0
+            for batch in parquet.iter_batches(batch_size=8192, columns=columns):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield row, {k: v for k, v in record.items() if v is not None}, None
+    else:
+        raise UserError(f"{uri}: task=sft reads JSONL or Parquet records, not plain text (input_format={fmt})")
+
+
+def read_conversations(files: list[str], config: TokenizeConfig) -> tuple[list[list[dict[str, str]]], Counter]:
+    """The trainable, distinct conversations of every file in input order, and the counts of the others."""
+    fields = chat.Fields(config.messages_field, config.prompt_field, config.completion_field)
+    counts: Counter = Counter()
+    kept: list[list[dict[str, str]]] = []
+    seen: set[str] = set()
+    first_bad = ""
+    for uri in files:
+        for number, record, problem in read_objects(uri, config):
+            counts["records_read"] += 1
+            try:
+                if problem:
+                    raise chat.BadRecord("not valid JSON")
+                turns = chat.conversation(record, fields)
+                for turn in turns:
+                    turn["content"] = unicodedata.normalize(config.normalization, turn["content"])
+                chat.check_trainable(turns)
+            except chat.BadRecord as exc:
+                counts[problem or "bad_conversation"] += 1
+                first_bad = first_bad or f"{uri} record {number}: {exc}"
+                continue
+            except chat.Dropped as exc:
+                counts[exc.reason] += 1
+                continue
+            key = chat.canonical(turns)
+            if key in seen:
+                counts["duplicate"] += 1
+                continue
+            seen.add(key)
+            kept.append(turns)
+    read = counts["records_read"]
+    if read == 0:
+        raise UserError(f"input_uri={config.input_uri!r} holds no records: {len(files)} file(s), all empty")
+    bad = sum(counts[r] for r in SFT_UNUSABLE)
+    if bad / read > config.max_bad_fraction:
+        raise UserError(
+            f"{bad} of {read} records ({bad / read:.1%}) are not conversations, more than "
+            f"max_bad_fraction={config.max_bad_fraction}; first: {first_bad}"
+        )
+    if not kept:
+        dropped = ", ".join(f"{r} {counts[r]}" for r in (*chat.DROP_REASONS, "duplicate", *SFT_UNUSABLE) if counts[r])
+        raise UserError(
+            f"no trainable conversations: read {read} from input_uri={config.input_uri!r}, dropped {dropped}"
+        )
+    return kept, counts
+
+
+def tokenize_sft(config: TokenizeConfig, run: StageRun, tokenizer: Any, context: int | None) -> dict[str, Any]:
+    import datasets
+
+    if context is not None and config.block_size > context:
+        raise UserError(f"block_size={config.block_size} is longer than base_model's context of {context} tokens")
+    template = chat.resolve_template(tokenizer, config.chat_template, config.base_model)
+    renderer = chat.Renderer(tokenizer, template, config.train_on)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise UserError(f"base_model={config.base_model!r} has a tokenizer with neither a pad nor an eos token")
+    files, skipped = text_files(store.expand(config.input_uri, "input_uri"), config)
+    log.info("reading conversations from %d file(s) in %s", len(files), config.input_uri)
+    started = time.perf_counter()
+    conversations, counts = read_conversations(files, config)
+    train_order, validation_order = split_documents(len(conversations), config.validation_fraction, config.seed)
+
+    def examples(order: np.ndarray) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+        done, kept = [], []
+        for i in order.tolist():
+            ids, labels = renderer.example(conversations[i])
+            if len(ids) > config.block_size:
+                if not config.truncation or all(x == chat.IGNORE for x in labels[: config.block_size]):
+                    counts["too_long"] += 1
+                    continue
+                counts["truncated"] += 1
+                ids, labels = ids[: config.block_size], labels[: config.block_size]
+            done.append((ids, labels))
+            kept.append(i)
+        return done, kept
+
+    train_examples, _ = examples(train_order)
+    validation_examples, validation_kept = examples(validation_order)
+    if not train_examples:
+        raise UserError(
+            f"no training conversation fits block_size={config.block_size} after templating "
+            f"({counts['too_long']} too long): raise block_size or set truncation=true"
+        )
+    train = chat.pack(train_examples, config.block_size, pad_id, config.packing)
+    validation = chat.pack(validation_examples, config.block_size, pad_id, config.packing)
+    seconds = time.perf_counter() - started
+
+    dataset_dir = run.scratch / layout.DATASET
+    dataset = datasets.DatasetDict(
+        train=sft_dataset(train, config.block_size), validation=sft_dataset(validation, config.block_size)
+    )
+    dataset.save_to_disk(str(dataset_dir), num_shards={k: 1 for k, d in dataset.items() if len(d) == 0})
+    sanity_check(dataset_dir, tokenizer, config.block_size, len(train.input_ids), len(validation.input_ids))
+    store.upload_dir(dataset_dir, run.output(layout.DATASET))
+    docs_file = run.scratch / layout.VALIDATION_DOCS
+    with docs_file.open("w", encoding="utf-8") as fh:
+        for i in validation_kept:
+            fh.write(json.dumps({"messages": conversations[i]}, ensure_ascii=False) + "\n")
+    store.upload_file(docs_file, run.output(layout.VALIDATION_DOCS))
+    store.write_text(run.output(layout.CHAT_TEMPLATE), template)
+
+    tokens = sum(len(ids) for ids, _ in train_examples + validation_examples)
+    trained = int((train.labels != chat.IGNORE).sum() + (validation.labels != chat.IGNORE).sum())
+    slots = config.block_size * (len(train.input_ids) + len(validation.input_ids))
+    metrics = {
+        "task": "sft",
+        "records_read": counts["records_read"],
+        "records_kept": len(conversations),
+        **{f"dropped_{r}": counts[r] for r in (*chat.DROP_REASONS, "duplicate", *SFT_UNUSABLE)},
+        "examples_truncated": counts["truncated"],
+        "files_skipped_not_text": len(skipped),
+        "train_examples": len(train_examples),
+        "validation_examples": len(validation_examples),
+        "train_blocks": len(train.input_ids),
+        "validation_blocks": len(validation.input_ids),
+        "tokens_total": tokens,
+        "tokens_with_loss": trained,
+        "loss_token_share": round(trained / max(tokens, 1), 4),
+        "padding_tokens": train.padding + validation.padding,
+        "padding_share": round((train.padding + validation.padding) / max(slots, 1), 4),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9)),
+    }
+    log.info(
+        "tokenize (sft): %d train + %d validation examples in %d + %d blocks of %d tokens (%.1f%% padding); "
+        "%d of %d records kept; %.1f%% of tokens carry loss",
+        len(train_examples), len(validation_examples), len(train.input_ids), len(validation.input_ids),
+        config.block_size, 100 * metrics["padding_share"], len(conversations), counts["records_read"],
+        100 * metrics["loss_token_share"],
+    )  # fmt: skip
+    return metrics
+
+
+def sft_dataset(blocks: chat.Blocks, block_size: int):
+    import datasets
+
+    def column(values: np.ndarray) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), block_size)
+
+    return datasets.Dataset(
+        pa.table(
+            {
+                "input_ids": column(blocks.input_ids),
+                "labels": column(blocks.labels),
+                "position_ids": column(blocks.position_ids),
+            }
+        )
+    )
 
 
 def sanity_check(dataset_dir: Path, tokenizer: Any, block_size: int, train_blocks: int, validation_blocks: int) -> None:

@@ -99,7 +99,12 @@ class PreemptionNotice:
         self.received = True
 
 
-def load_blocks(dataset_uri: str) -> np.ndarray:
+# The columns of a tokenized train split that train_lora reads: task=causal_lm writes input_ids alone (every
+# token is a label), task=sft adds labels (-100 where no loss) and position_ids (restarting per packed example).
+BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+def load_blocks(dataset_uri: str) -> dict[str, np.ndarray]:
     import datasets
 
     with downloads.local_copy(uris.join(dataset_uri, layout.DATASET)) as path:
@@ -107,9 +112,11 @@ def load_blocks(dataset_uri: str) -> np.ndarray:
             train = datasets.load_from_disk(str(path))["train"]
         except (FileNotFoundError, KeyError) as exc:
             raise UserError(f"dataset_uri={dataset_uri!r} holds no tokenized train split: {exc}") from None
-        # [:] reads the column as one array; indexing the column alone iterates it row by row in Python
-        blocks = np.asarray(train.with_format("numpy")[:]["input_ids"], dtype=np.int64)
-    if blocks.ndim != 2 or len(blocks) == 0:
+        columns = [c for c in BLOCK_COLUMNS if c in train.column_names]
+        # [:] reads the columns as arrays; indexing a column alone iterates it row by row in Python
+        table = train.with_format("numpy", columns=columns)[:]
+        blocks = {c: np.asarray(table[c], dtype=np.int64) for c in columns}
+    if "input_ids" not in blocks or blocks["input_ids"].ndim != 2 or len(blocks["input_ids"]) == 0:
         raise UserError(f"dataset_uri={dataset_uri!r} has no training blocks")
     return blocks
 
@@ -183,6 +190,7 @@ class LoRARecipe:
         self.resumed_from: int | None = None
         self.saved_step = -1  # the step of the newest checkpoint, so that a step is never saved twice
         self.trained_tokens = 0  # in this attempt (since the process started)
+        self.loss_tokens = 0  # of those, the ones that carried loss (all but the first of each block, or the labels)
 
     # -- setup and resume ------------------------------------------------------------------------
 
@@ -202,8 +210,9 @@ class LoRARecipe:
     def _setup_data(self) -> None:
         config = self.config
         blocks = load_blocks(config.dataset_uri)
-        self.n_blocks, self.block_size = blocks.shape
-        self.data = torch.from_numpy(blocks)
+        self.n_blocks, self.block_size = blocks["input_ids"].shape
+        self.data = {name: torch.from_numpy(column) for name, column in blocks.items()}
+        self.labelled = "labels" in self.data
         self.blocks_per_step = config.batch_size * config.grad_accum_steps
         self.steps_per_epoch = math.ceil(self.n_blocks / self.blocks_per_step)
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
@@ -297,9 +306,20 @@ class LoRARecipe:
         config = self.config
         indices = batch_indices(self.step, self.n_blocks, self.blocks_per_step, self.steps_per_epoch, config.seed)
         step_loss = 0.0
+        if self.labelled:
+            # The loss is the mean over the step's labelled tokens, however they fall into micro-batches. The
+            # model shifts labels by one: a block's first label is never predicted.
+            loss_tokens = int((self.data["labels"][indices, 1:] != -100).sum())
+        else:
+            loss_tokens = len(indices) * (self.block_size - 1)
         for micro in indices.split(config.batch_size):
-            batch = self.data[micro].to(self.device)
-            loss = self.model(input_ids=batch, labels=batch).loss * (len(micro) / len(indices))
+            batch = {name: column[micro].to(self.device) for name, column in self.data.items()}
+            if self.labelled:
+                # No attention mask: the model builds a block-diagonal one from the restarting position ids.
+                loss = self.model(**batch, num_items_in_batch=loss_tokens, use_cache=False).loss
+            else:
+                ids = batch["input_ids"]
+                loss = self.model(input_ids=ids, labels=ids).loss * (len(micro) / len(indices))
             loss.backward()
             step_loss += loss.item()
         if config.max_grad_norm > 0:
@@ -309,6 +329,7 @@ class LoRARecipe:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.trained_tokens += len(indices) * self.block_size
+        self.loss_tokens += loss_tokens
         if not math.isfinite(step_loss):
             raise RuntimeError(f"loss is {step_loss} at step {self.step}: training diverged (lower learning_rate?)")
         self.history.append({"step": self.step, "loss": round(step_loss, 6), "lr": self.scheduler.get_last_lr()[0]})
@@ -364,6 +385,9 @@ class LoRARecipe:
         if isinstance(adapter_config.get("target_modules"), list):
             adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
         config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        template = uris.join(config.dataset_uri, layout.CHAT_TEMPLATE)
+        if store.exists(template):  # task=sft: the template the adapter learned, for evaluate and batch_infer
+            (adapter_dir / layout.CHAT_TEMPLATE).write_text(store.read_text(template))
         (adapter_dir / layout.TRAINING_BASE).write_text(
             json.dumps({"base_model": config.base_model, "sha256": run.inputs["base_model"]["sha256"]}, indent=2)
         )
@@ -381,6 +405,8 @@ class LoRARecipe:
             "first_loss": history[0]["loss"] if history else None,
             "trained_tokens_this_attempt": self.trained_tokens,
             "tokens_per_second": round(self.trained_tokens / max(seconds, 1e-9), 1),
+            "loss_tokens_per_second": round(self.loss_tokens / max(seconds, 1e-9), 1),
+            "loss_token_share": round(self.loss_tokens / max(self.trained_tokens, 1), 4),
             "trainable_parameters": self.n_trainable,
             "total_parameters": self.n_total,
             "device": str(self.device),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stages import batch_infer
-from stages.core import models
+from stages.core import generation, models
 from stages.core.config import load_config
 from stages.core.errors import ConfigError
 from tests.conftest import run_stage_cli
@@ -61,7 +61,7 @@ def merged(finetune_run):
 def prompt_ids(merged, prompts) -> list[list[int]]:
     model, tokenizer = merged
     limit = models.context_length(model.config, tokenizer) - MAX_NEW
-    ids, truncated = batch_infer.encode_prompts(tokenizer, [p["prompt"] for p in prompts], limit)
+    ids, truncated = generation.encode_prompts(tokenizer, [p["prompt"] for p in prompts], limit)
     assert truncated == [n == 250 for n in WORDS]
     return ids
 
@@ -106,7 +106,7 @@ def near_ties(model, prompt_ids, reference, batched) -> dict[int, float]:
 def batched(merged, prompt_ids) -> dict:
     """The stage's generation function, in batches of 8 (3 batches of mixed lengths, left-padded)."""
     model, tokenizer = merged
-    completions, batches = batch_infer.generate_completions(
+    completions, batches = generation.generate_completions(
         model, tokenizer, prompt_ids, batch_size=BATCH, max_new_tokens=MAX_NEW
     )
     return {"completions": completions, "batches": batches}
@@ -147,7 +147,7 @@ def test_completions_stop_at_end_of_text_and_come_back_in_input_order(merged):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
     model = ScriptedModel({7: [20, 21, eos, 22], 8: [30], 13: [eos, 40], 15: [50, 51, 52, 53]}, pad)
-    completions, batches = batch_infer.generate_completions(model, tokenizer, prompts, batch_size=2, max_new_tokens=4)
+    completions, batches = generation.generate_completions(model, tokenizer, prompts, batch_size=2, max_new_tokens=4)
     assert completions == [[20, 21], [30], [], [50, 51, 52, 53]]  # pad is end-of-text here too
     assert batches == 2
     first_ids, first_mask = model.calls[0]  # longest first, left-padded, masked

@@ -44,6 +44,15 @@ TUNABLES: dict[str, dict[str, dict[str, Any]]] = {
         "block_size": {"type": "integer", "minimum": 2, "maximum": 32_768},
         "validation_fraction": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         "seed": SEED,
+        "task": {"enum": ["causal_lm", "sft"]},
+        # A template file is a platform decision (the stage takes its URI); a run conf names a built-in.
+        "chat_template": {"enum": ["", "chatml"]},
+        "messages_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+        "prompt_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+        "completion_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+        "train_on": {"enum": ["assistant", "all"]},
+        "packing": {"type": "boolean"},
+        "truncation": {"type": "boolean"},
     },
     "train_lora": {
         "rank": {"type": "integer", "minimum": 1, "maximum": 1024},
@@ -68,7 +77,17 @@ TUNABLES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "evaluate": {
         "max_eval_docs": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
-        "gate_metric": {"enum": ["word_perplexity", "byte_perplexity", "token_perplexity"]},
+        "gate_metric": {
+            "enum": [
+                "auto",
+                "word_perplexity",
+                "byte_perplexity",
+                "token_perplexity",
+                "assistant_perplexity",
+                "exact_match",
+                "chrf",
+            ]
+        },
         "min_relative_improvement": {"type": "number", "minimum": -1, "exclusiveMaximum": 1},
         "num_samples": {"type": "integer", "minimum": 0, "maximum": 1000},
         "sample_max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
@@ -77,6 +96,7 @@ TUNABLES: dict[str, dict[str, dict[str, Any]]] = {
     "batch_infer": {
         "id_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
         "prompt_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
+        "messages_field": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
         "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
         "batch_size": {"type": "integer", "minimum": 1, "maximum": 1024},
         "do_sample": {"type": "boolean"},

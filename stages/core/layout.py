@@ -5,6 +5,8 @@
         checkpoints/                                    working state beside the outputs, never one of them
     runs/<run_id>/tokenize/dataset/                     read by train_lora
     runs/<run_id>/tokenize/validation_docs.jsonl        read by evaluate
+    runs/<run_id>/tokenize/chat_template.jinja          task=sft: the template used; train_lora copies it to
+                                                        the adapter, where evaluate and batch_infer read it
     runs/<run_id>/train_lora/adapter/                   read by evaluate and batch_infer, copied by publish
         adapter_config.json, training_base.json
     runs/<run_id>/train_lora/train_log.jsonl            read by evaluate, copied by publish
@@ -32,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 # tokenize
 DATASET = "dataset"
 VALIDATION_DOCS = "validation_docs.jsonl"
+CHAT_TEMPLATE = "chat_template.jinja"  # transformers' own file name for a tokenizer's chat template
 
 # train_lora (and a published model)
 ADAPTER = "adapter"
