@@ -132,7 +132,7 @@ def train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
 
     model = build_model(args, dtype, device)
     lora_config = TrainLoraConfig(base_model="random-init", dataset_uri="unused", rank=args.rank, alpha=2.0 * args.rank)
-    assert lora_config.target_modules == ALL_LINEAR
+    assert lora_config.target_modules == [ALL_LINEAR]
     model = wrap_with_lora(model, lora_config).to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

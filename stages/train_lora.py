@@ -33,7 +33,9 @@ from stages.core.errors import UserError
 from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
 
 log = logging.getLogger("stages.train_lora")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# PEFT's rule: every linear layer (and GPT-2's Conv1D) except the output head, whatever each family names
+# them: q_proj...down_proj in Llama, Qwen, Mistral and Gemma; qkv_proj and gate_up_proj in Phi-3; c_attn in GPT-2.
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(kw_only=True)
@@ -43,7 +45,9 @@ class TrainLoraConfig(StageConfig):
     rank: int = help_field(8, "LoRA rank r.", bounds=(1, 1024))
     alpha: float = help_field(16.0, "LoRA alpha (scaling = alpha / rank).")
     dropout: float = help_field(0.05, "Dropout on the LoRA path.")
-    target_modules: list[str] = help_field(ALL_LINEAR, "Module names that get adapters (comma-separated).")
+    target_modules: list[str] = help_field(
+        [ALL_LINEAR], "Module names that get adapters (comma-separated); all-linear: every linear layer but the head."
+    )
     learning_rate: float = help_field(5e-4, "Peak AdamW learning rate.")
     lr_schedule: Literal["cosine", "linear", "constant"] = help_field("cosine", "Decay after warmup.")
     warmup_steps: int = help_field(10, "Linear warmup steps.")
@@ -125,7 +129,8 @@ def wrap_with_lora(model, config: TrainLoraConfig):
     from peft import LoraConfig, get_peft_model
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = sorted(set(config.target_modules) - names)
+    targets = ALL_LINEAR if config.target_modules == [ALL_LINEAR] else list(config.target_modules)
+    missing = sorted(set(config.target_modules) - names) if targets != ALL_LINEAR else []
     if missing:
         raise UserError(
             f"target_modules={config.target_modules} includes {missing}, which the base model "
@@ -139,7 +144,7 @@ def wrap_with_lora(model, config: TrainLoraConfig):
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
+        target_modules=targets,
     )
     return get_peft_model(model, lora)
 
@@ -233,7 +238,7 @@ class LoRARecipe:
         log.info(
             "LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%); %d blocks x %d tokens; %d steps on %s/%s",
             config.rank,
-            ",".join(config.target_modules),
+            ",".join(sorted(self.model.peft_config["default"].target_modules)),  # all-linear resolved to names
             self.n_trainable,
             self.n_total,
             100 * self.n_trainable / self.n_total,

@@ -62,7 +62,7 @@ TUNABLES: dict[str, dict[str, dict[str, Any]]] = {
             "type": "array",
             "minItems": 1,
             "maxItems": 32,
-            "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.]{1,64}" + END},
+            "items": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}" + END},
         },
         "learning_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "lr_schedule": {"enum": ["cosine", "linear", "constant"]},

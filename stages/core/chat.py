@@ -168,8 +168,8 @@ class Renderer:
         content starts with a special token, as ``<|im_end|>``, ``<|eot_id|>`` or ``<end_of_turn>`` do) and eos."""
         probe = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]
         full = self.text(probe)
-        ((start, end),) = self.assistant_spans(probe, full)
-        closing = full[start + len("Hi.") : end]
+        ((_, end, closed),) = self.assistant_spans(probe, full)
+        closing = full[end:closed]
         stops = []
         if closing:
             first = self.tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
@@ -187,8 +187,10 @@ class Renderer:
     def encode(self, text: str) -> dict[str, Any]:
         return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
 
-    def assistant_spans(self, turns: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
-        """Character spans of ``full`` that carry loss: each assistant content and its end-of-turn markup."""
+    def assistant_spans(self, turns: list[dict[str, str]], full: str) -> list[tuple[int, int, int]]:
+        """Where each assistant turn is in ``full``: (content start, content end, end of the markup that closes
+        the turn). The closing markup is what the template writes after the content whichever turn comes next
+        (``<|im_end|>``, ``<|eot_id|>``, ``</s>``...), trailing whitespace excluded."""
         spans, position = [], 0
         for i, turn in enumerate(turns):
             if turn["role"] != "assistant":
@@ -205,8 +207,7 @@ class Renderer:
             end = start + len(content)
             through = self.text(turns[: i + 1])
             closing = _common_prefix(full[end:], through[end:]) if through[:end] == full[:end] else ""
-            end += len(closing.rstrip())
-            spans.append((start, end))
+            spans.append((start, end, end + len(closing.rstrip())))
             position = end
         return spans
 
@@ -219,17 +220,29 @@ class Renderer:
             labels = list(ids)
         else:
             labels = [IGNORE] * len(ids)
-            spans = self.assistant_spans(turns, full)
-            starts = [s for s, _ in spans]
-            for j, (a, b) in enumerate(encoded["offset_mapping"]):
-                k = bisect.bisect_right(starts, max(a, b - 1)) - 1  # the last span starting at or before the token
-                if k >= 0 and a < spans[k][1] and b > spans[k][0]:  # the token overlaps it
-                    labels[j] = ids[j]
+            self._label_assistant(turns, full, encoded["offset_mapping"], ids, labels)
             if all(label == IGNORE for label in labels):
                 raise UserError(f"the chat template produced no assistant tokens (rendered: {shown(full)})")
         if labels:
             labels[0] = IGNORE  # nothing predicts an example's first token (in a packed block: its neighbour would)
         return ids, labels
+
+    def _label_assistant(self, turns, full: str, offsets, ids: list[int], labels: list[int]) -> None:
+        """Label every token that overlaps an assistant content (a token may also hold the space before it),
+        then the closing markup's tokens up to and including its first special token (the end of turn)."""
+        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.get_added_vocab().values())
+        j = 0
+        for start, end, closed in self.assistant_spans(turns, full):
+            while j < len(ids) and offsets[j][1] <= start:
+                j += 1
+            while j < len(ids) and offsets[j][0] < end:
+                labels[j] = ids[j]
+                j += 1
+            while j < len(ids) and offsets[j][1] <= closed and offsets[j][1] > offsets[j][0]:
+                labels[j] = ids[j]
+                j += 1
+                if ids[j - 1] in special:
+                    break
 
 
 def _common_prefix(a: str, b: str) -> str:
