@@ -163,6 +163,7 @@ test-chart: install helm
 DAG ?= genai_finetune
 AIRFLOW_URL ?= http://localhost:8080
 DEMO_DATA := artifacts/demo-data/folio
+SFT_DEMO_DATA := artifacts/demo-data/which-play
 
 demo: install
 	@mkdir -p $(DEMO_DATA)
@@ -172,8 +173,11 @@ demo: install
 	  cp -u "$$TEXTS"/*_gut_f.txt $(DEMO_DATA)/ && \
 	  base_model() { $(PY) -m stages.base_model "corpus_uri=$$TEXTS/*_gut.txt" run_id=base-tiny; } && \
 	  rc=0 && base_model || rc=$$?; \
-	  if [ $$rc -eq 2 ]; then rm -rf artifacts/runs/base-tiny && base_model; elif [ $$rc -ne 0 ]; then exit $$rc; fi
+	  if [ $$rc -eq 2 ]; then rm -rf artifacts/runs/base-tiny && base_model; elif [ $$rc -ne 0 ]; then exit $$rc; fi && \
+	  PYTHONPATH=dags $(PY) -m genai_dags.demo_data "$$TEXTS" $(SFT_DEMO_DATA)
+	@# Continued pretraining on raw text, then instruction tuning (SFT) through the same DAG.
 	PYTHONPATH=dags $(PY) -m genai_dags.demo
+	PYTHONPATH=dags $(PY) -m genai_dags.demo --conf examples/sft-demo.json
 
 airflow: install
 	PYTHONPATH=dags $(PY) -m genai_dags.local_airflow serve

@@ -146,3 +146,33 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
     lines = (Path(merged["output_uri"].removeprefix("file://")) / "predictions.jsonl").read_text().splitlines()
     expected_ids = [json.loads(line)["id"] for line in prompts.read_text().splitlines()]
     assert [json.loads(line)["id"] for line in lines] == expected_ids
+
+
+def test_instruction_tuning_runs_through_the_same_dag(config, texts_dir, tmp_path):
+    """task=sft end to end: the demo's conversations, the tiny model's ChatML template, chat prompts."""
+    from genai_dags import demo_data
+
+    demo_data.write(texts_dir, tmp_path, per_play=12)
+    conf = {
+        "model_name": "which-play-tiny",
+        "base_model": "tiny",
+        "train_data_uri": str(tmp_path / demo_data.TRAIN_FILE),
+        "prompts_uri": str(tmp_path / demo_data.PROMPTS_FILE),
+        "tokenize": {"task": "sft", "block_size": 128, "validation_fraction": 0.25},
+        "train": {"rank": 4, "max_steps": 6, "batch_size": 4},
+        "evaluate": {"gate_metric": "chrf", "min_relative_improvement": -1, "sample_max_new_tokens": 6},
+        "inference": {"max_new_tokens": 6},
+    }
+    local_airflow.migrate()
+    run = local_airflow.run_dag("genai_finetune", conf, config)
+    assert str(run.state) == "success", local_airflow.task_states(run)
+    results = stage_results(run)
+    assert results["tokenize"]["metrics"]["task"] == "sft" and results["tokenize"]["metrics"]["records_kept"] == 84
+    evaluation = results["evaluate"]["metrics"]
+    assert evaluation["task"] == "sft" and evaluation["conversations"] == 21
+    assert evaluation["quality_gate"]["metric"] == "chrf"
+    predictions = Path(results["batch_infer"]["output_uri"].removeprefix("file://")) / "predictions.jsonl"
+    ids = [json.loads(line)["id"] for line in predictions.read_text().splitlines()]
+    assert ids == [json.loads(line)["id"] for line in (tmp_path / demo_data.PROMPTS_FILE).read_text().splitlines()]
+    published = Path(results["publish"]["metrics"]["uri"].removeprefix("file://"))
+    assert (published / "adapter/chat_template.jinja").read_text().startswith("{% for message in messages %}")

@@ -324,3 +324,19 @@ def test_templates_that_fail_are_refused_with_one_line(sft_tokenize, tmp_path):
 def test_plain_text_input_is_refused_for_sft(sft_tokenize, tmp_path):
     code, _, err = sft_tokenize(["just some text"], "llama", suffix=".txt")
     assert code == 2 and "task=sft reads JSONL or Parquet records" in err
+
+
+def test_the_demo_conversations_are_deterministic_and_its_prompts_are_not_trained_on(texts_dir, tmp_path):
+    from genai_dags import demo_data
+
+    demo_data.write(texts_dir, tmp_path / "a", per_play=50)
+    demo_data.write(texts_dir, tmp_path / "b", per_play=50)
+    files = (demo_data.TRAIN_FILE, demo_data.PROMPTS_FILE)
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    lines = {name: (tmp_path / "a" / name).read_text().splitlines() for name in files}
+    trained = [json.loads(line)["messages"] for line in lines[demo_data.TRAIN_FILE]]
+    prompts = [json.loads(line) for line in lines[demo_data.PROMPTS_FILE]]
+    assert len(trained) == 50 * len(demo_data.PLAYS) and len(prompts) == 2 * len(demo_data.PLAYS)
+    assert {t[1]["content"] for t in trained} == set(demo_data.PLAYS.values())
+    assert not {p["messages"][0]["content"] for p in prompts} & {t[0]["content"] for t in trained}

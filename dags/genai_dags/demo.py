@@ -85,7 +85,13 @@ def summary(result: dict[str, Any], conf: dict[str, Any]) -> str:
         lines.append(f"genai_finetune FAILED at {', '.join(failed) or '?'}; the reason is in {HOME / 'demo.log'}")
     evaluation = (xcom.get("evaluate") or {}).get("metrics") or {}
     base, adapted = evaluation.get("base", {}), evaluation.get("adapted", {})
-    if base and adapted:
+    if base and adapted and evaluation.get("task") == "sft":
+        lines.append("on held-out conversations                    before (base)   after (base + LoRA)")
+        lines.append(f"  {'assistant_perplexity':<40} {base['assistant_perplexity']:>12.2f}   "
+                     f"{adapted['assistant_perplexity']:>12.2f}")  # fmt: skip
+        for name in ("exact_match", "chrf"):
+            lines.append(f"  {name:<40} {base[name]:>12.1%}   {adapted[name]:>12.1%}")
+    elif base and adapted:
         lines.append("perplexity on held-out First Folio text     before (base)   after (base + LoRA)")
         for name in ("word_perplexity", "byte_perplexity", "token_perplexity"):
             lines.append(f"  {name:<40} {base[name]:>12.2f}   {adapted[name]:>12.2f}")
@@ -114,12 +120,16 @@ def samples(predictions_uri: str, prompts_file: Path, count: int = 3) -> list[st
     path = Path(predictions_uri.removeprefix("file://"))
     if not path.exists() or not prompts_file.exists():
         return []
-    prompts = {r["id"]: r["prompt"] for r in map(json.loads, prompts_file.read_text().splitlines())}
+    prompts = {r["id"]: r for r in map(json.loads, prompts_file.read_text().splitlines())}
     out = ["samples (prompt -> completion):"]
     for line in path.read_text().splitlines()[:count]:
         record = json.loads(line)
+        prompt = prompts.get(record["id"], {})
+        # A chat prompt shows its last turn, and the expected answer when the prompts file holds one.
+        shown = prompt["messages"][-1]["content"] if "messages" in prompt else prompt.get("prompt", record["id"])
         completion = " ".join(record["completion"].split())[:160]
-        out.append(f"  {prompts.get(record['id'], record['id'])}\n    -> {completion}")
+        expected = f"   (expected: {prompt['answer']})" if "answer" in prompt else ""
+        out.append(f"  {' / '.join(str(shown).splitlines())}\n    -> {completion}{expected}")
     return out
 
 
