@@ -592,7 +592,10 @@ def evaluate_sft(
     tokenizer = renderer.tokenizer
     kept, examples, prompts, references = [], [], [], []
     for turns in conversations:
-        chat.check_trainable(turns)
+        try:
+            chat.check_trainable(turns)
+        except chat.Dropped:
+            continue  # tokenize holds out only trainable ones; a hand-made file may not
         ids, labels = renderer.example(turns)
         prompt = renderer.prompt_ids(turns[:-1])
         if len(ids) > context or len(prompt) + config.sample_max_new_tokens > context:

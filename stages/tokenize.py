@@ -113,12 +113,6 @@ class TokenizeConfig(StageConfig):
             check(bool(getattr(self, name)), f"{name} must not be empty")
         if chat.is_template_uri(self.chat_template):
             self.chat_template = uris.normalize_uri(self.chat_template, "chat_template")
-        else:
-            check(
-                self.chat_template in ("", *chat.BUILTIN_TEMPLATES),
-                f"chat_template={self.chat_template!r} is neither a built-in template "
-                f"({', '.join(chat.BUILTIN_TEMPLATES)}) nor a URI of a template file",
-            )
 
 
 def inputs(config: TokenizeConfig) -> dict[str, str]:

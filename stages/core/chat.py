@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.core import layout, store, uris
+from stages.core import layout, store
 from stages.core.errors import UserError, shown
 
 IGNORE = -100  # the label that carries no loss (PyTorch's cross-entropy ignore_index)
@@ -142,7 +142,8 @@ def saved_template(adapter: Path) -> str | None:
 
 
 def is_template_uri(value: str) -> bool:
-    return bool(value) and value not in BUILTIN_TEMPLATES and (uris.is_uri(value) or value.startswith("/"))
+    """A chat_template setting that names a file (anything but empty or a built-in name)."""
+    return bool(value) and value not in BUILTIN_TEMPLATES
 
 
 class Renderer:
