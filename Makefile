@@ -177,7 +177,7 @@ demo: install
 	  PYTHONPATH=dags $(PY) -m genai_dags.demo_data "$$TEXTS" $(SFT_DEMO_DATA)
 	@# Continued pretraining on raw text, then instruction tuning (SFT) through the same DAG.
 	PYTHONPATH=dags $(PY) -m genai_dags.demo
-	PYTHONPATH=dags $(PY) -m genai_dags.demo --conf examples/sft-demo.json
+	PYTHONPATH=dags $(PY) -m genai_dags.demo --conf examples/finetune-sft-demo.json
 
 airflow: install
 	PYTHONPATH=dags $(PY) -m genai_dags.local_airflow serve

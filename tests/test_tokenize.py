@@ -441,7 +441,8 @@ class TestContract:
         own = [f.name for f in dataclasses.fields(TokenizeConfig)][2:]  # after artifact_root, run_id
         assert own == [
             "input_uri", "base_model", "input_format", "text_field", "text_unit", "normalization", "min_chars",
-            "max_chars", "block_size", "validation_fraction", "seed", "max_bad_fraction", "batch_size",
+            "max_chars", "block_size", "validation_fraction", "seed", "max_bad_fraction", "batch_size", "task",
+            "chat_template", "messages_field", "prompt_field", "completion_field", "train_on", "packing", "truncation",
         ]  # fmt: skip
 
     def test_inputs_are_uris_or_hub_ids(self, tmp_path):
