@@ -106,7 +106,10 @@ HELM ?= $(or $(shell command -v helm 2>/dev/null),$(CURDIR)/$(HELM_LOCAL))
 CLOUD ?= gke
 AIRFLOW_NAMESPACE ?= airflow
 AIRFLOW_CHART ?= apache-airflow/airflow
-AIRFLOW_CHART_VERSION ?= 1.18.0
+# The official Airflow chart: the one place that names its version (tests/chart checks every mention).
+AIRFLOW_CHART_VERSION ?= 1.22.0
+# The oldest helm that chart 1.22 supports (its release notes); make template and make deploy refuse older.
+HELM_MIN_VERSION := 3.19.0
 GENAI_RELEASE ?= genai
 AIRFLOW_RELEASE ?= airflow
 GENAI_HELM_ARGS = $(GENAI_RELEASE) charts/genai-pipelines --namespace $(AIRFLOW_NAMESPACE) \
@@ -114,7 +117,7 @@ GENAI_HELM_ARGS = $(GENAI_RELEASE) charts/genai-pipelines --namespace $(AIRFLOW_
 AIRFLOW_HELM_ARGS = $(AIRFLOW_RELEASE) $(AIRFLOW_CHART) --version $(AIRFLOW_CHART_VERSION) \
 	--namespace $(AIRFLOW_NAMESPACE) -f values/$(CLOUD)/airflow.yaml
 
-.PHONY: helm template deploy test-chart check-cloud
+.PHONY: helm helm-version template deploy test-chart check-cloud
 
 helm:
 	@if [ -x "$(HELM)" ]; then exit 0; fi; \
@@ -131,12 +134,19 @@ helm:
 	mkdir -p $(dir $(HELM_LOCAL)); install -m 0755 "$$tmp/layer/helm/helm" $(HELM_LOCAL); \
 	$(HELM_LOCAL) version --short
 
+helm-version: helm
+	@v=$$($(HELM) version --template '{{.Version}}' 2>/dev/null | sed 's/^v//'); \
+	if [ -z "$$v" ] || [ "$$(printf '%s\n%s\n' "$(HELM_MIN_VERSION)" "$$v" | sort -V | head -n1)" != "$(HELM_MIN_VERSION)" ]; then \
+		echo "helm $${v:-(unknown version)} at $(HELM) is older than $(HELM_MIN_VERSION), the oldest the official Airflow chart $(AIRFLOW_CHART_VERSION) supports: upgrade it, or give HELM=<a helm $(HELM_MIN_VERSION) or newer>" >&2; \
+		exit 2; \
+	fi
+
 check-cloud:
 	@case "$(CLOUD)" in aks|gke|eks|local) ;; *) echo "CLOUD must be one of aks, gke, eks, local (got '$(CLOUD)')" >&2; exit 2;; esac
 
 # Our chart renders here; the official Airflow chart is rendered only when its repository is reachable
 # (helm repo add apache-airflow https://airflow.apache.org), else the command to run is printed.
-template: helm check-cloud
+template: helm-version check-cloud
 	@$(HELM) template $(GENAI_HELM_ARGS)
 	@if $(HELM) show chart $(AIRFLOW_CHART) --version $(AIRFLOW_CHART_VERSION) >/dev/null 2>&1; then \
 		$(HELM) template $(AIRFLOW_HELM_ARGS); \
@@ -146,7 +156,7 @@ template: helm check-cloud
 	fi
 
 # Ours first: it creates the stage namespace, RBAC and the pipeline ConfigMap that Airflow mounts.
-deploy: helm check-cloud
+deploy: helm-version check-cloud
 	$(HELM) upgrade --install $(GENAI_HELM_ARGS) --create-namespace --wait
 	$(HELM) upgrade --install $(AIRFLOW_HELM_ARGS) --wait --timeout 15m
 	@# No --logs: Helm looks for test pods in the release's namespace; ours runs in the stage namespace.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tomllib
 
 import jsonschema
@@ -32,6 +33,11 @@ def env(values: dict) -> dict[str, str]:
     return {item["name"]: item["value"] for item in values.get("env", [])}
 
 
+def section(values: dict, component: str) -> dict:
+    """A component's values; the KubernetesExecutor's worker pods are under workers.kubernetes since chart 1.21."""
+    return values["workers"]["kubernetes"] if component == "workers" else values.get(component, {})
+
+
 class TestAirflowValues:
     def test_the_schema_excerpt_names_its_source_and_licence(self):
         assert "apache/airflow chart/values.schema.json" in EXCERPT["$comment"]
@@ -43,23 +49,27 @@ class TestAirflowValues:
         assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
     def test_the_excerpt_catches_a_misspelt_key(self, airflow_values):
-        bad = {**airflow_values["gke"], "workers": {**airflow_values["gke"]["workers"], "extraVolume": []}}
-        assert list(jsonschema.Draft7Validator(EXCERPT).iter_errors(bad))
+        gke = airflow_values["gke"]
+        misspelt = {**gke, "workers": {**gke["workers"], "kubernetes": {**section(gke, "workers"), "extraVolume": []}}}
+        assert list(jsonschema.Draft7Validator(EXCERPT).iter_errors(misspelt))
+        # A key that chart 1.21 deprecated (workers.extraVolumes for workers.kubernetes.extraVolumes) fails too.
+        deprecated = {**gke, "workers": {**gke["workers"], "extraVolumes": []}}
+        assert list(jsonschema.Draft7Validator(EXCERPT).iter_errors(deprecated))
 
     @pytest.mark.parametrize("target", TARGETS)
     def test_volumes_mounts_and_resources_are_valid_kubernetes_objects(
         self, target, airflow_values, kubernetes_schemas
     ):
         for component in ("workers", "scheduler", "dagProcessor", "apiServer", "triggerer"):
-            section = airflow_values[target].get(component, {})
-            container = {"name": "c", "image": "i", "volumeMounts": section.get("extraVolumeMounts", [])}
-            if "resources" in section:
-                container["resources"] = section["resources"]
+            values = section(airflow_values[target], component)
+            container = {"name": "c", "image": "i", "volumeMounts": values.get("extraVolumeMounts", [])}
+            if "resources" in values:
+                container["resources"] = values["resources"]
             pod = {
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {"name": component.lower()},
-                "spec": {"containers": [container], "volumes": section.get("extraVolumes", [])},
+                "spec": {"containers": [container], "volumes": values.get("extraVolumes", [])},
             }
             for version in (KUBERNETES_VERSIONS[0], KUBERNETES_VERSIONS[-1]):
                 assert not kubernetes_schemas.errors(pod, version), (
@@ -73,10 +83,10 @@ class TestAirflowValues:
         (key,) = config_map["data"]
         path = env(values)["GENAI_PIPELINE_CONFIG"]
         for component in CONFIG_READERS:
-            section = values[component]
-            volume = next(v for v in section["extraVolumes"] if v.get("configMap"))
+            reader = section(values, component)
+            volume = next(v for v in reader["extraVolumes"] if v.get("configMap"))
             assert volume["configMap"]["name"] == config_map["metadata"]["name"], component
-            mount = next(m for m in section["extraVolumeMounts"] if m["name"] == volume["name"])
+            mount = next(m for m in reader["extraVolumeMounts"] if m["name"] == volume["name"])
             assert mount["readOnly"] is True
             assert path == f"{mount['mountPath']}/{key}", (
                 f"{component}: GENAI_PIPELINE_CONFIG={path} is not the mounted file"
@@ -86,13 +96,15 @@ class TestAirflowValues:
     def test_the_worker_service_account_is_the_one_our_rbac_binds(
         self, target, airflow_values, genai_values, chart_defaults
     ):
-        worker = airflow_values[target]["workers"]["serviceAccount"]
+        worker = section(airflow_values[target], "workers")["serviceAccount"]
         bound = (
             genai_values[target]
             .get("airflow", {})
             .get("workerServiceAccount", chart_defaults["airflow"]["workerServiceAccount"])
         )
         assert worker["create"] is True and worker["name"] == bound
+        # Only one ServiceAccount is named airflow-worker: the older worker one is not rendered.
+        assert airflow_values[target]["workers"]["serviceAccount"] == {"create": False}
 
     @pytest.mark.parametrize("target", CLOUDS)
     def test_the_airflow_image_sits_beside_the_stage_image(self, target, airflow_values, pipeline_configs):
@@ -145,6 +157,35 @@ class TestAirflowValues:
     def test_log_writers_and_readers_have_workload_identity(self, target, airflow_values):
         values = airflow_values[target]
         for component in ("workers", "apiServer", "triggerer"):
-            assert IDENTITY_ANNOTATION[target] in values[component]["serviceAccount"]["annotations"], component
+            assert IDENTITY_ANNOTATION[target] in section(values, component)["serviceAccount"]["annotations"], component
             if target == "aks":
-                assert values[component]["labels"]["azure.workload.identity/use"] == "true", component
+                assert section(values, component)["labels"]["azure.workload.identity/use"] == "true", component
+
+
+class TestChartVersion:
+    """One place names the official chart's version (the Makefile); every other mention agrees with it."""
+
+    PIN = re.search(r"^AIRFLOW_CHART_VERSION \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+
+    def test_every_mention_of_the_official_charts_version_is_the_pinned_one(self):
+        mention = re.compile(
+            r"apache-airflow/airflow --version (\S+)|official (?:Apache )?Airflow\s+chart (\d+\.\d+\.\d+)"
+        )
+        files = [*REPO.glob("values/*/airflow.yaml"), *REPO.glob("docs/*.md"), REPO / "README.md"]
+        found = {(f.relative_to(REPO).as_posix(), m.group(1) or m.group(2)) for f in files
+                 for m in mention.finditer(f.read_text())}  # fmt: skip
+        named = {f"values/{t}/airflow.yaml" for t in TARGETS} | {f"docs/deploy-{c}.md" for c in CLOUDS} | {"README.md"}
+        assert {f for f, _ in found} >= named
+        assert {v for _, v in found} == {self.PIN}, sorted(found)
+
+    def test_an_older_helm_is_refused_with_the_version_it_needs(self, tmp_path):
+        for version, code in (("v3.18.4", 2), ("v3.19.0", 0), ("v4.3.1", 0)):
+            helm = tmp_path / f"helm-{version}"
+            helm.write_text(f"#!/bin/sh\necho {version}\n")
+            helm.chmod(0o755)
+            done = subprocess.run(["make", "-s", "helm-version", f"HELM={helm}"], cwd=REPO, capture_output=True,
+                                  text=True)  # fmt: skip
+            assert done.returncode == code, (version, done.stderr)
+            if code:
+                assert f"helm 3.18.4 at {helm} is older than 3.19.0" in done.stderr
+                assert f"the official Airflow chart {self.PIN} supports" in done.stderr

@@ -214,7 +214,7 @@ class TestPodLauncherRoleBinding:
     @pytest.mark.parametrize("target", TARGETS)
     def test_binds_the_airflow_worker_service_account_of_the_airflow_values(self, target, rendered, airflow_values):
         binding = only(rendered[target], "RoleBinding")
-        worker = airflow_values[target]["workers"]["serviceAccount"]["name"]
+        worker = airflow_values[target]["workers"]["kubernetes"]["serviceAccount"]["name"]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": worker, "namespace": "airflow"}]
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
