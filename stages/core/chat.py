@@ -155,6 +155,7 @@ class Renderer:
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
+        self.special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
 
     def text(self, turns: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         try:
@@ -174,8 +175,7 @@ class Renderer:
         stops = []
         if closing:
             first = self.tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
-            special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.get_added_vocab().values())
-            stops += [t for t in first if t in special]
+            stops += [t for t in first if t in self.special]
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos not in stops:
             stops.append(eos)
@@ -231,7 +231,6 @@ class Renderer:
     def _label_assistant(self, turns, full: str, offsets, ids: list[int], labels: list[int]) -> None:
         """Label every token that overlaps an assistant content (a token may also hold the space before it),
         then the closing markup's tokens up to and including its first special token (the end of turn)."""
-        special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.get_added_vocab().values())
         j = 0
         for start, end, closed in self.assistant_spans(turns, full):
             while j < len(ids) and offsets[j][1] <= start:
@@ -242,7 +241,7 @@ class Renderer:
             while j < len(ids) and offsets[j][1] <= closed and offsets[j][1] > offsets[j][0]:
                 labels[j] = ids[j]
                 j += 1
-                if ids[j - 1] in special:
+                if ids[j - 1] in self.special:
                     break
 
 
@@ -256,7 +255,7 @@ def _common_prefix(a: str, b: str) -> str:
 
 
 def canonical(turns: list[dict[str, str]]) -> str:
-    """One string per distinct conversation, for deduplication and the held-out file."""
+    """One string per distinct conversation (for deduplication)."""
     return json.dumps(turns, ensure_ascii=False, separators=(",", ":"))
 
 
