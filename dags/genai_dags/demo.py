@@ -129,7 +129,8 @@ def samples(predictions_uri: str, prompts_file: Path, count: int = 3) -> list[st
         shown = prompt["messages"][-1]["content"] if "messages" in prompt else prompt.get("prompt", record["id"])
         completion = " ".join(record["completion"].split())[:160]
         expected = f"   (expected: {prompt['answer']})" if "answer" in prompt else ""
-        out.append(f"  {' / '.join(str(shown).splitlines())}\n    -> {completion}{expected}")
+        lines = [line for line in str(shown).splitlines() if line.strip()]
+        out.append(f"  {' / '.join(lines)}\n    -> {completion}{expected}")
     return out
 
 
