@@ -167,6 +167,7 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
     start, stop = shard_bounds(total, config.shard_index, config.num_shards)
     seen: dict[str, tuple[str, int]] = {}
     kept: list[Prompt] = []
+    chat_records: bool | None = None  # the kind of the file's first record: every shard checks the whole file
     for index, (file, number, raw) in enumerate(_records(files)):
         where = f"{file} line {number}"
         try:
@@ -190,7 +191,9 @@ def read_prompts(config: BatchInferConfig) -> tuple[list[Prompt], int]:
             raise UserError(f"{where}: duplicate {config.id_field} {shown(record_id)} (first on {first})")
         seen[key] = (file, number)
         text = prompt_of(obj, config, where)
-        if kept and isinstance(text, str) != isinstance(kept[0].text, str):
+        if chat_records is None:
+            chat_records = isinstance(text, list)
+        elif chat_records != isinstance(text, list):
             raise UserError(f"{where}: prompts_uri mixes text prompts and chat records; give one kind per run")
         if start <= index < stop:
             kept.append(Prompt(index, where, record_id, text))

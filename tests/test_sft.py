@@ -340,3 +340,26 @@ def test_the_demo_conversations_are_deterministic_and_its_prompts_are_not_traine
     assert len(trained) == 50 * len(demo_data.PLAYS) and len(prompts) == 2 * len(demo_data.PLAYS)
     assert {t[1]["content"] for t in trained} == set(demo_data.PLAYS.values())
     assert not {p["messages"][0]["content"] for p in prompts} & {t[0]["content"] for t in trained}
+
+
+@pytest.mark.parametrize(
+    ("record", "named"),
+    [
+        ({"id": 1, "messages": "hi"}, "'messages' is str, not a list of turns"),
+        ({"id": 1, "messages": [{"role": "user"}]}, "turn 0 is not an object with 'role' and 'content'"),
+        ({"id": 1, "messages": [user("hi"), assistant("ok")]}, "no turn to answer"),
+        ({"id": 1, "messages": [{"role": "oracle", "content": "hi"}]}, "unknown role 'oracle'"),
+        ({"id": 1, "prompt": "plain text"}, "mixes text prompts and chat records"),
+    ],
+)
+def test_a_bad_chat_prompt_is_refused_by_every_shard_with_its_line(record, named, family_models, tmp_path, capsys):
+    good = [{"id": i + 2, "messages": [user("Card 1: spell golf.")]} for i in range(3)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [*good, record]))
+    for shard in (0, 1):  # the bad record is in shard 1 only; shard 0 refuses it all the same
+        args = [f"artifact_root={tmp_path}/art", f"base_model=file://{family_models['qwen2']}", "adapter_uri=none",
+                f"prompts_uri={prompts}", "num_shards=2", f"shard_index={shard}"]  # fmt: skip
+        assert batch_infer.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "prompts.jsonl line 4: " in err and named in err, err
+    assert not list((tmp_path / "art").rglob("manifest.json"))
