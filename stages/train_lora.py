@@ -59,12 +59,19 @@ class TrainLoraConfig(StageConfig):
     epochs: int = help_field(1, "Passes over the training blocks (when max_steps is 0).")
     precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to train.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = help_field(
+        "sdpa", "Attention kernel: sdpa (PyTorch's), eager, or flash_attention_2 (the flash-attn package, a CUDA GPU)."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = help_field(
+        "auto", "Recompute activations in the backward pass instead of keeping them (less memory); auto: on a GPU."
+    )
     seed: int = help_field(0, "Seed for LoRA init, dropout and data order.", bounds=SEED_BOUNDS)
     checkpoint_every: int = help_field(50, "Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = help_field(2, "Complete checkpoints to keep (older ones are deleted).")
     log_every: int = help_field(10, "Log loss and tokens/s every N steps.")
 
-    OPERATIONAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device"})
+    # Recomputing activations changes memory and time, not one value of the result (the RNG is replayed).
+    OPERATIONAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device", "gradient_checkpointing"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,6 +156,17 @@ def wrap_with_lora(model, config: TrainLoraConfig):
     return get_peft_model(model, lora)
 
 
+def check_attention(implementation: str, device: torch.device) -> None:
+    """flash_attention_2 needs its package and a CUDA GPU: say so before any weights load."""
+    if implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        where = "no CUDA GPU" if device.type != "cuda" else "no flash-attn package in this image"
+        raise UserError(f"attn_implementation=flash_attention_2 cannot run here ({where}): use sdpa")
+
+
 def batch_indices(step: int, n_blocks: int, blocks_per_step: int, steps_per_epoch: int, seed: int) -> torch.Tensor:
     """The blocks of optimizer step ``step``: a pure function of the step, so resuming needs no sampler state."""
     epoch, index = divmod(step, steps_per_epoch)
@@ -204,6 +222,10 @@ class LoRARecipe:
         config = self.config
         self.device = models.pick_device(config.device)
         self.dtype = models.pick_dtype(config.precision, self.device)
+        check_attention(config.attn_implementation, self.device)
+        self.checkpointing = config.gradient_checkpointing == "on" or (
+            config.gradient_checkpointing == "auto" and self.device.type == "cuda"
+        )
         self._setup_data()
         # Seeded right before the model: the LoRA init and then dropout draw from these generators.
         torch.manual_seed(config.seed)
@@ -225,7 +247,9 @@ class LoRARecipe:
     def _setup_model(self) -> None:
         config = self.config
         with models.model_dir(config.base_model) as base_path:
-            base = models.load_model(base_path, self.dtype, self.device)
+            base = models.load_model(base_path, self.dtype, self.device, config.attn_implementation)
+        if self.checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and replays dropout's RNG
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         context = models.context_length(base.config)
         if context is not None and self.block_size > context:  # unknown: the blocks are taken as they are
             raise UserError(
@@ -416,6 +440,8 @@ class LoRARecipe:
             "total_parameters": self.n_total,
             "device": str(self.device),
             "precision": str(self.dtype).removeprefix("torch."),
+            "attn_implementation": self.config.attn_implementation,
+            "gradient_checkpointing": self.checkpointing,
         }
         log.info(
             "trained %d steps: loss %s -> %s, %.0f tokens/s",

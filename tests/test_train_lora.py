@@ -16,15 +16,15 @@ from tests.conftest import ROOT, run_stage_cli
 TRAIN = ["max_steps=24", "checkpoint_every=4", "learning_rate=2e-3", "batch_size=4", "log_every=4"]
 
 
+def common(run_id: str, run: dict) -> list[str]:
+    """The arguments of a train_lora run on the session's tokenized data."""
+    root = run["artifact_root"]
+    return [f"artifact_root={root}", f"run_id={run_id}", f"base_model={run['base_model']}",
+            f"dataset_uri={root}/runs/ft/tokenize"]  # fmt: skip
+
+
 def train_args(run: dict, run_id: str, *extra: str) -> list[str]:
-    return [
-        f"artifact_root={run['artifact_root']}",
-        f"run_id={run_id}",
-        f"base_model={run['base_model']}",
-        f"dataset_uri={run['artifact_root']}/runs/ft/tokenize",
-        *TRAIN,
-        *extra,
-    ]
+    return [*common(run_id, run), *TRAIN, *extra]
 
 
 def stage_dir(run: dict, run_id: str) -> Path:
@@ -170,3 +170,27 @@ def test_missing_dataset_is_a_user_error(finetune_run):
     )
     assert proc.returncode == 2
     assert "dataset_uri=" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_gradient_checkpointing_changes_memory_not_the_adapter(finetune_run, capsys):
+    """Activations recomputed in the backward pass (dropout's RNG replayed): bitwise the same adapter."""
+    from stages import train_lora
+
+    def train(run_id: str, checkpointing: str) -> dict:
+        args = [*common(run_id, finetune_run), "max_steps=3", "batch_size=4", f"gradient_checkpointing={checkpointing}"]
+        assert train_lora.main(args) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"]
+
+    assert train("gc-on", "on")["gradient_checkpointing"] is True
+    assert train("gc-off", "off")["gradient_checkpointing"] is False
+    on, off = (stage_dir(finetune_run, r) / "adapter/adapter_model.safetensors" for r in ("gc-on", "gc-off"))
+    assert on.read_bytes() == off.read_bytes()
+
+
+def test_flash_attention_is_refused_where_it_cannot_run(finetune_run, capsys):
+    from stages import train_lora
+
+    args = [*common("fa2", finetune_run), "attn_implementation=flash_attention_2", "device=cpu"]
+    assert train_lora.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: train_lora: attn_implementation=flash_attention_2 cannot run here (no CUDA GPU): use sdpa" in err

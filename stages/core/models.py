@@ -125,11 +125,11 @@ def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
     return None
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device):
+def load_model(path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     with _hub_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device)
 
 
