@@ -59,8 +59,10 @@ class TrainLoraConfig(StageConfig):
     epochs: int = help_field(1, "Passes over the training blocks (when max_steps is 0).")
     precision: Literal["auto", "fp32", "bf16"] = help_field("auto", "auto: bf16 on a GPU that has it, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = help_field("auto", "Where to train.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = help_field(
-        "sdpa", "Attention kernel: sdpa (PyTorch's), eager, or flash_attention_2 (the flash-attn package, a CUDA GPU)."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = help_field(
+        "auto",
+        "Attention kernel: auto (transformers' choice: sdpa where the model has it), sdpa, eager, or "
+        "flash_attention_2 (the flash-attn package and a CUDA GPU).",
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = help_field(
         "auto", "Recompute activations in the backward pass instead of keeping them (less memory); auto: on a GPU."

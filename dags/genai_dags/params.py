@@ -73,7 +73,7 @@ TUNABLES: dict[str, dict[str, dict[str, Any]]] = {
         "max_steps": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
         "epochs": {"type": "integer", "minimum": 1, "maximum": 1000},
         "precision": {"enum": ["auto", "fp32", "bf16"]},
-        "attn_implementation": {"enum": ["sdpa", "eager", "flash_attention_2"]},
+        "attn_implementation": {"enum": ["auto", "sdpa", "eager", "flash_attention_2"]},
         "seed": SEED,
     },
     "evaluate": {

@@ -125,11 +125,13 @@ def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
     return None
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"):
+def load_model(path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str = "auto"):
+    """The model on ``device``; ``auto`` leaves the attention kernel to transformers (SDPA where the model has it)."""
     from transformers import AutoModelForCausalLM
 
+    kernel = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     with _hub_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kernel)
     return model.to(device)
 
 
