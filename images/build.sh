@@ -9,7 +9,10 @@
 #                     $REGISTRY/stages/<name>, their shared base $REGISTRY/stages, Airflow $REGISTRY/airflow
 #   TAG               default: the git revision (with -dirty for uncommitted changes); `latest` is added locally
 #   IMAGES            which ones (default: stage-base tokenizer trainer evaluator inferencer airflow)
-#   TORCH_VARIANT     cpu (default) or a PyTorch CUDA index name such as cu128
+#   TORCH_VARIANT     cpu (default); cuda: PyPI's CUDA torch wheel with the GPU extras, every version from
+#                     images/stage-base/requirements-cuda.lock (make build-images-cuda: the trainer and
+#                     inferencer); or a PyTorch CUDA index name such as cu128. Stage images of a variant other
+#                     than cpu are tagged <tag>-<variant> (latest-<variant>), never over the CPU ones.
 #   BASE_IMAGE        stage images' Python base (default python:3.11-slim-bookworm)
 #   AIRFLOW_BASE_IMAGE  the Airflow image's base (default apache/airflow:3.3.2-python3.11)
 #   STAGE_EXTRAS      object-store clients in the stage images (default s3,gcs,azure)
@@ -28,6 +31,8 @@ REGISTRY=${REGISTRY%/}
 ALL_IMAGES="stage-base tokenizer trainer evaluator inferencer airflow"
 IMAGES=${IMAGES:-$ALL_IMAGES}
 TORCH_VARIANT=${TORCH_VARIANT:-cpu}
+VARIANT_SUFFIX=
+[ "$TORCH_VARIANT" = cpu ] || VARIANT_SUFFIX=-$TORCH_VARIANT
 BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
 AIRFLOW_BASE_IMAGE=${AIRFLOW_BASE_IMAGE:-apache/airflow:3.3.2-python3.11}
 STAGE_EXTRAS=${STAGE_EXTRAS-s3,gcs,azure}
@@ -49,7 +54,9 @@ if ! [[ $REGISTRY =~ ^$host(:[0-9]+)?(/$component)*$ ]]; then
   123456789012.dkr.ecr.eu-west-1.amazonaws.com/genai (ECR), europe-west4-docker.pkg.dev/my-project/genai
   (Artifact Registry) or myregistry.azurecr.io/genai (ACR)"
 fi
-[[ $TAG =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] || die "TAG='$TAG' is not a valid image tag ([A-Za-z0-9_.-], at most 128)"
+[[ $TORCH_VARIANT =~ ^[a-z0-9][a-z0-9.]*$ ]] || die "TORCH_VARIANT='$TORCH_VARIANT' is not a variant: cpu, cuda or a PyTorch index name such as cu128"
+[[ $TAG$VARIANT_SUFFIX =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] \
+  || die "TAG='$TAG$VARIANT_SUFFIX' is not a valid image tag ([A-Za-z0-9_.-], at most 128)"
 for image in $IMAGES; do
   [[ " $ALL_IMAGES " == *" $image "* ]] || die "IMAGES: unknown image '$image' (known: $ALL_IMAGES)"
 done
@@ -65,11 +72,11 @@ stage_image() {
   esac
 }
 
-ref() {  # the reference of one image at one tag
+ref() {  # the reference of one image at one tag (a stage image of a GPU variant: <tag>-<variant>)
   case $1 in
-    stage-base) echo "$REGISTRY/stages:$2" ;;
+    stage-base) echo "$REGISTRY/stages:$2$VARIANT_SUFFIX" ;;
     airflow) echo "$REGISTRY/airflow:$2" ;;
-    *) echo "$REGISTRY/stages/$1:$2" ;;
+    *) echo "$REGISTRY/stages/$1:$2$VARIANT_SUFFIX" ;;
   esac
 }
 
