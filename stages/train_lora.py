@@ -10,10 +10,19 @@ Spot capacity disappears without asking: the trainer checkpoints (adapter, optim
 RNG states, data position) to the artifact store every ``checkpoint_every`` steps and when SIGTERM
 arrives, then exits 143. Restarted, it resumes from the newest complete checkpoint; on CPU with a
 fixed seed the resumed run ends with bitwise the same adapter as an uninterrupted one.
+
+Big models: gradient checkpointing, 4-bit QLoRA (``quantization=nf4``), and several GPUs in one pod
+(``processes``, one rank per GPU; ``stages.core.distributed``): DDP, each GPU holding the base model,
+or FSDP2, the base sharded over the GPUs. The global batch is ``batch_size x grad_accum_steps`` blocks
+whatever the number of processes (each rank takes its share of every step), so the same config trains
+the same model on 1 or 8 GPUs, within floating-point summation order. Checkpoints hold the full LoRA
+state (adapter and optimizer, gathered by rank 0, the one writer; LoRA's trainable state is a small
+fraction of the model) plus every rank's RNG state, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,13 +31,15 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from stages.core import checkpoints, downloads, layout, models, store, uris
+from stages.core import checkpoints, distributed, downloads, layout, models, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
+from stages.core.distributed import SINGLE, Ranks
 from stages.core.errors import UserError
 from stages.core.runner import Preempted, StageConfig, StageRun, run_stage
 
@@ -36,6 +47,7 @@ log = logging.getLogger("stages.train_lora")
 # PEFT's rule: every linear layer (and GPT-2's Conv1D) except the output head, whatever each family names
 # them: q_proj...down_proj in Llama, Qwen, Mistral and Gemma; qkv_proj and gate_up_proj in Phi-3; c_attn in GPT-2.
 ALL_LINEAR = "all-linear"
+MAX_PROCESSES = 64
 
 
 @dataclass(kw_only=True)
@@ -67,13 +79,27 @@ class TrainLoraConfig(StageConfig):
     gradient_checkpointing: Literal["auto", "on", "off"] = help_field(
         "auto", "Recompute activations in the backward pass instead of keeping them (less memory); auto: on a GPU."
     )
+    quantization: Literal["none", "nf4"] = help_field(
+        "none", "nf4: QLoRA, the frozen base in 4-bit NormalFloat (bitsandbytes, double quantisation)."
+    )
+    processes: int = help_field(
+        0, "Training processes, one per GPU; 0: one per visible GPU (1 on CPU).", bounds=(0, MAX_PROCESSES)
+    )
+    strategy: Literal["auto", "ddp", "fsdp"] = help_field(
+        "auto",
+        "With several processes: ddp (every GPU holds the base model) or fsdp (FSDP2: the base sharded over "
+        "the GPUs); auto: ddp.",
+    )
     seed: int = help_field(0, "Seed for LoRA init, dropout and data order.", bounds=SEED_BOUNDS)
     checkpoint_every: int = help_field(50, "Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = help_field(2, "Complete checkpoints to keep (older ones are deleted).")
     log_every: int = help_field(10, "Log loss and tokens/s every N steps.")
 
     # Recomputing activations changes memory and time, not one value of the result (the RNG is replayed).
-    OPERATIONAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "device", "gradient_checkpointing"})
+    # So does the number of processes: the global batch is the same, only float summation order differs.
+    OPERATIONAL = frozenset(
+        {"checkpoint_every", "keep_checkpoints", "log_every", "device", "gradient_checkpointing", "processes"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +116,11 @@ class TrainLoraConfig(StageConfig):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be > 0")
         check(0 <= self.max_steps <= 10_000_000, f"max_steps={self.max_steps} must be in [0, 10000000]")
         check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        check(
+            not (self.quantization == "nf4" and self.strategy == "fsdp"),
+            "quantization=nf4 with strategy=fsdp is not supported: use strategy=ddp (a 4-bit 70B model fits one "
+            "80 GB GPU) or quantization=none with fsdp",
+        )
 
 
 def inputs(config: TrainLoraConfig) -> dict[str, str]:
@@ -192,49 +223,81 @@ def set_rng_state(state: dict) -> None:
 
 
 def train(config: TrainLoraConfig, run: StageRun) -> dict:
+    """Train in this process, or in one process per GPU; the checkpoints go once the manifest is committed."""
+    device = models.pick_device(config.device)
+    models.check_quantization(config.quantization)
+    check_attention(config.attn_implementation, device)
+    world = distributed.resolve_processes(config.processes, device.type)
+    if world == 1:
+        metrics = train_rank(SINGLE, config, run)
+    else:
+        log.info("training in %d processes (%s)", world, "fsdp" if config.strategy == "fsdp" else "ddp")
+        metrics = distributed.launch(
+            train_rank, (config, run), world, name=layout.TRAIN_LORA, cuda=device.type == "cuda"
+        )
+    run.remove_after_commit.append(run.output(layout.CHECKPOINTS))
+    return metrics
+
+
+def train_rank(ranks: Ranks, config: TrainLoraConfig, run: StageRun) -> dict | None:
+    """One rank's training; rank 0 returns the metrics."""
     with PreemptionNotice() as notice:
-        return LoRARecipe(config, run, notice).train()
+        return LoRARecipe(config, run, notice, ranks).train()
 
 
 class LoRARecipe:
-    """LoRA fine-tuning as a recipe: ``setup``, ``resume``, then ``train_step`` until done, with
-    ``save_checkpoint`` every ``checkpoint_every`` steps and on SIGTERM, and ``save_adapter`` at the end.
+    """LoRA fine-tuning as a recipe: ``setup`` (resuming from the newest checkpoint), then ``train_step``
+    until done, with ``save_checkpoint`` every ``checkpoint_every`` steps and on SIGTERM, and
+    ``save_adapter`` at the end.
 
     All training state lives in attributes, so a checkpoint is exactly what ``save_checkpoint`` writes
-    and ``resume`` reads back: adapter weights, optimizer, scheduler, RNG states and the loss history.
-    The data position needs no state: it is a pure function of the step (``batch_indices``).
+    and ``setup`` reads back: adapter weights, optimizer, scheduler, each rank's RNG states and the loss
+    history. The data position needs no state: it is a pure function of the step (``batch_indices``).
+    With several ranks, every rank runs the same recipe on its share of each step; rank 0 writes.
     """
 
-    def __init__(self, config: TrainLoraConfig, run: StageRun, notice: PreemptionNotice) -> None:
+    def __init__(self, config: TrainLoraConfig, run: StageRun, notice: PreemptionNotice, ranks: Ranks = SINGLE):
         self.config = config
         self.run = run
         self.notice = notice
+        self.ranks = ranks
         self.checkpoints_uri = run.output(layout.CHECKPOINTS)
         self.step = 0  # optimizer steps done
         self.history: list[dict] = []  # one {"step", "loss", "lr"} per step, the train_log
         self.resumed_from: int | None = None
         self.saved_step = -1  # the step of the newest checkpoint, so that a step is never saved twice
-        self.trained_tokens = 0  # in this attempt (since the process started)
+        self.trained_tokens = 0  # in this attempt (since the process started), over all ranks
         self.loss_tokens = 0  # of those, the ones that carried loss (all but the first of each block, or the labels)
 
     # -- setup and resume ------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Data, the base model wrapped with LoRA, optimizer and scheduler: a fresh run at step 0."""
-        config = self.config
+        """Data, the base model wrapped with LoRA (and spread over the ranks), optimizer and scheduler, at
+        step 0 or where the newest complete checkpoint left off."""
+        config, ranks = self.config, self.ranks
         self.device = models.pick_device(config.device)
+        if self.device.type == "cuda" and ranks.distributed:
+            self.device = torch.device("cuda", ranks.rank)
         self.dtype = models.pick_dtype(config.precision, self.device)
-        check_attention(config.attn_implementation, self.device)
         self.checkpointing = config.gradient_checkpointing == "on" or (
             config.gradient_checkpointing == "auto" and self.device.type == "cuda"
         )
+        self.strategy = ("fsdp" if config.strategy == "fsdp" else "ddp") if ranks.distributed else "single"
         self._setup_data()
-        # Seeded right before the model: the LoRA init and then dropout draw from these generators.
+        # Seeded right before the model: the LoRA init draws from these generators, the same on every rank.
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
         self._setup_model()
+        checkpoint = self._download_checkpoint()
+        if checkpoint:
+            self._load_adapter(checkpoint)
+        self._distribute()
         self._setup_optimizer()
+        if checkpoint:
+            self._load_training_state(checkpoint)
+        elif ranks.rank:  # dropout masks: rank 0 keeps the single-process stream, the others their own
+            torch.manual_seed(config.seed + 1_000_003 * ranks.rank)
 
     def _setup_data(self) -> None:
         config = self.config
@@ -242,14 +305,21 @@ class LoRARecipe:
         self.n_blocks, self.block_size = blocks["input_ids"].shape
         self.data = {name: torch.from_numpy(column) for name, column in blocks.items()}
         self.labelled = "labels" in self.data
-        self.blocks_per_step = config.batch_size * config.grad_accum_steps
+        self.blocks_per_step = config.batch_size * config.grad_accum_steps  # over all ranks
         self.steps_per_epoch = math.ceil(self.n_blocks / self.blocks_per_step)
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
 
     def _setup_model(self) -> None:
         config = self.config
+        # FSDP shards from the CPU copy onto the GPUs; otherwise every rank loads straight onto its device.
+        load_to = torch.device("cpu") if self.strategy == "fsdp" else self.device
         with models.model_dir(config.base_model) as base_path:
-            base = models.load_model(base_path, self.dtype, self.device, config.attn_implementation)
+            base = models.load_model(base_path, self.dtype, load_to, config.attn_implementation, config.quantization)
+        if config.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            # Norms in fp32 and input gradients on, as QLoRA trains; checkpointing is switched on below.
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         if self.checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and replays dropout's RNG
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         context = models.context_length(base.config)
@@ -257,23 +327,50 @@ class LoRARecipe:
             raise UserError(
                 f"dataset blocks have {self.block_size} tokens, more than base_model's context of {context}"
             )
-        self.model = wrap_with_lora(base, config)
+        self.peft_model = wrap_with_lora(base, config)
+        self.n_trainable = sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad)
+        self.n_total = sum(p.numel() for p in self.peft_model.parameters())
+        if self.ranks.main:
+            log.info(
+                "LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%); %d blocks x %d tokens; %d steps on "
+                "%s/%s%s, %d process(es)%s",
+                config.rank,
+                ",".join(sorted(self.peft_model.peft_config["default"].target_modules)),  # all-linear resolved
+                self.n_trainable,
+                self.n_total,
+                100 * self.n_trainable / self.n_total,
+                self.n_blocks,
+                self.block_size,
+                self.total_steps,
+                self.device.type,
+                self.dtype,
+                ", base in nf4" if config.quantization == "nf4" else "",
+                self.ranks.world,
+                f" ({self.strategy})" if self.ranks.distributed else "",
+            )
+
+    def _distribute(self) -> None:
+        """``self.model``, what the loop calls: the PEFT model itself, wrapped in DDP, or sharded by FSDP2."""
+        self.model = self.peft_model
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.peft_model, device_ids=ids)
+        elif self.strategy == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.ranks.world,))
+            # Low-precision weights gathered for compute, gradients reduced in fp32 (LoRA's are fp32).
+            precision = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+            # Each decoder layer is one shard unit (transformers names them: Llama's LlamaDecoderLayer...).
+            layers = set(getattr(self.peft_model.get_base_model(), "_no_split_modules", None) or ())
+            for module in self.peft_model.modules():
+                if type(module).__name__ in layers:
+                    fully_shard(module, mesh=mesh, mp_policy=precision)
+            fully_shard(self.peft_model, mesh=mesh, mp_policy=precision)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.n_trainable = sum(p.numel() for p in self.trainable)
-        self.n_total = sum(p.numel() for p in self.model.parameters())
-        log.info(
-            "LoRA r=%d on %s: %d trainable of %d parameters (%.2f%%); %d blocks x %d tokens; %d steps on %s/%s",
-            config.rank,
-            ",".join(sorted(self.model.peft_config["default"].target_modules)),  # all-linear resolved to names
-            self.n_trainable,
-            self.n_total,
-            100 * self.n_trainable / self.n_total,
-            self.n_blocks,
-            self.block_size,
-            self.total_steps,
-            self.device,
-            self.dtype,
-        )
 
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -287,36 +384,65 @@ class LoRARecipe:
             num_training_steps=self.total_steps,
         )
 
-    def resume(self) -> None:
-        """Continue from the newest complete checkpoint made for this run's inputs and config, if any."""
+    def _download_checkpoint(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint for this run's inputs and config: rank 0 finds and downloads it into
+        the pod's scratch folder, where every rank reads it."""
+        found = None
+        if self.ranks.main:
+            found = checkpoints.newest_complete(self.checkpoints_uri, self.run.cache_key, self.run.scratch / "resume")
+        return distributed.broadcast(found, self.ranks)
+
+    def _load_adapter(self, checkpoint: tuple[int, Path]) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        found = checkpoints.newest_complete(self.checkpoints_uri, self.run.cache_key, self.run.scratch / "resume")
-        if not found:
-            return
-        step, path = found
-        set_peft_model_state_dict(self.model, load_file(path / "adapter_model.safetensors", device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        path = checkpoint[1]
+        set_peft_model_state_dict(self.peft_model, load_file(path / "adapter_model.safetensors"))
+
+    def _load_training_state(self, checkpoint: tuple[int, Path]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        step, path = checkpoint
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if self.config.strategy == "fsdp":
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=self._state_options())
+        else:
+            self.optimizer.load_state_dict(state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        rng_file = path / f"rng-rank{self.ranks.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # more ranks than the checkpoint's: this one starts its own dropout stream
+            log.warning("checkpoint has no RNG state of rank %d: seeding it afresh", self.ranks.rank)
+            torch.manual_seed(self.config.seed + 1_000_003 * self.ranks.rank + step)
         self.history = json.loads((path / "state.json").read_text())["history"]
         self.step = self.resumed_from = self.saved_step = step
-        log.info("resumed from checkpoint at step %d of %d", step, self.total_steps)
+        if self.ranks.main:
+            log.info("resumed from checkpoint at step %d of %d", step, self.total_steps)
+
+    def _state_options(self, **options):
+        """How FSDP's optimizer and adapter state are read and written: full tensors keyed by parameter name,
+        gathered from the shards, so a checkpoint is the same file whatever the number of ranks. (Without
+        FSDP every rank holds the whole state already, and the optimizer's own state_dict is the format.)"""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        if self.strategy == "fsdp":
+            options.update(full_state_dict=True, cpu_offload=True)
+        return StateDictOptions(**options)
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def train(self) -> dict:
-        """Set up, resume, train to ``total_steps`` (or checkpoint and stop on SIGTERM), save the adapter."""
+    def train(self) -> dict | None:
+        """Set up, train to ``total_steps`` (or checkpoint and stop on SIGTERM), save the adapter."""
         from tqdm import tqdm
 
         self.setup()
-        self.resume()
         self.model.train()
         started = time.time()
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not sys.stderr.isatty())
+        show = self.ranks.main and sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show)
         while self.step < self.total_steps:
-            if self.notice.received:
+            if distributed.any_rank(self.notice.received, self.ranks, self.device):  # all ranks stop together
                 self.save_checkpoint()
                 raise Preempted(f"stopped at step {self.step} of {self.total_steps}; rerun to resume")
             loss = self.train_step()
@@ -328,36 +454,47 @@ class LoRARecipe:
                 self.save_checkpoint()
         bar.close()
 
-        self.save_adapter()
-        sanity_check(self.model, self.history)
+        adapter = self.adapter_state()
+        if not self.ranks.main:
+            return None
+        self.save_adapter(adapter)
+        sanity_check(adapter, self.history)
         return self.metrics(seconds=time.time() - started)
 
     def train_step(self) -> float:
-        """One optimizer step on the blocks of step ``self.step``, over micro-batches; returns its loss."""
-        config = self.config
+        """One optimizer step on the blocks of step ``self.step``, this rank's share of them in micro-batches;
+        returns the step's loss (over all ranks)."""
+        config, ranks = self.config, self.ranks
         indices = batch_indices(self.step, self.n_blocks, self.blocks_per_step, self.steps_per_epoch, config.seed)
-        step_loss = 0.0
         if self.labelled:
-            # The loss is the mean over the step's labelled tokens, however they fall into micro-batches. The
-            # model shifts labels by one: a block's first label is never predicted.
+            # The loss is the mean over the step's labelled tokens, however they fall into micro-batches and
+            # ranks. The model shifts labels by one: a block's first label is never predicted.
             loss_tokens = int((self.data["labels"][indices, 1:] != -100).sum())
         else:
             loss_tokens = len(indices) * (self.block_size - 1)
-        for micro in indices.split(config.batch_size):
-            batch = {name: column[micro].to(self.device) for name, column in self.data.items()}
-            if self.labelled:
-                # No attention mask: the model builds a block-diagonal one from the restarting position ids.
-                loss = self.model(**batch, num_items_in_batch=loss_tokens, use_cache=False).loss
-            else:
-                ids = batch["input_ids"]
-                loss = self.model(input_ids=ids, labels=ids).loss * (len(micro) / len(indices))
-            loss.backward()
-            step_loss += loss.item()
+        share = indices.tensor_split(ranks.world)[ranks.rank]
+        # A rank whose share of a short last step is empty still joins the gradient exchange, with weight 0.
+        micros, weight = (share.split(config.batch_size), 1.0) if len(share) else ((indices[:1],), 0.0)
+        # DDP and FSDP average the ranks' gradients; the loss is a sum over ranks, hence x world.
+        weight *= ranks.world
+        step_loss = 0.0
+        for i, micro in enumerate(micros):
+            with self._gradient_sync(last=i == len(micros) - 1):
+                batch = {name: column[micro].to(self.device) for name, column in self.data.items()}
+                if self.labelled:
+                    # No attention mask: the model builds a block-diagonal one from the restarting position ids.
+                    loss = self.model(**batch, num_items_in_batch=loss_tokens, use_cache=False).loss
+                else:
+                    ids = batch["input_ids"]
+                    loss = self.model(input_ids=ids, labels=ids).loss * (len(micro) / len(indices))
+                (loss * weight).backward()
+            step_loss += loss.item() * weight / ranks.world
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        step_loss = distributed.total(step_loss, ranks, self.device)
         self.step += 1
         self.trained_tokens += len(indices) * self.block_size
         self.loss_tokens += loss_tokens
@@ -366,8 +503,16 @@ class LoRARecipe:
         self.history.append({"step": self.step, "loss": round(step_loss, 6), "lr": self.scheduler.get_last_lr()[0]})
         return step_loss
 
+    def _gradient_sync(self, last: bool):
+        """Accumulating micro-batches: the ranks exchange gradients once per step, after the last one."""
+        if self.strategy == "ddp" and not last:
+            return self.model.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
     def log_step(self, loss: float, tokens_per_s: float) -> None:
-        if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+        if self.ranks.main and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
             log.info(
                 "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
                 self.step,
@@ -379,23 +524,49 @@ class LoRARecipe:
 
     # -- saving ----------------------------------------------------------------------------------
 
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights, whole, on every rank's CPU (collective under FSDP: gathered from the shards)."""
+        if self.config.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            return get_model_state_dict(self.model, options=self._state_options(ignore_frozen_params=True))
+        return {name: p.detach().cpu() for name, p in self.peft_model.named_parameters() if p.requires_grad}
+
+    def optimizer_state(self) -> dict:
+        """AdamW's state, whole (collective under FSDP)."""
+        if self.config.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer, options=self._state_options())
+        return self.optimizer.state_dict()
+
     def save_checkpoint(self) -> None:
-        """Upload adapter, optimizer, scheduler, RNG states and history as ``step-<step>``; keep the newest few."""
+        """Upload adapter, optimizer, scheduler, every rank's RNG states and history as ``step-<step>``; keep
+        the newest few. Collective: every rank writes its RNG state into the pod's scratch folder, rank 0 the
+        rest, and rank 0 uploads the folder once every rank's part is in it."""
         if self.saved_step == self.step:
             return
         self.saved_step = self.step
+        adapter, optimizer = self.adapter_state(), self.optimizer_state()
         local = self.run.scratch / "checkpoint"
         local.mkdir(exist_ok=True)
-        self.model.save_pretrained(local)  # adapter_model.safetensors + adapter_config.json
-        torch.save(self.optimizer.state_dict(), local / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), local / "scheduler.pt")
-        torch.save(rng_state(), local / "rng.pt")
-        (local / "state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
-        uri = checkpoints.save(local, self.checkpoints_uri, self.step, self.run.cache_key)
-        checkpoints.prune(self.checkpoints_uri, self.config.keep_checkpoints)
-        log.info("checkpoint saved at step %d: %s", self.step, uri)
+        torch.save(rng_state(), local / f"rng-rank{self.ranks.rank}.pt")
+        if self.ranks.main:
+            for stale in local.glob("rng-rank*.pt"):  # an earlier attempt's ranks beyond this one's
+                if int(stale.stem.removeprefix("rng-rank")) >= self.ranks.world:
+                    stale.unlink()
+            self.peft_model.save_pretrained(local, state_dict=adapter)  # adapter_model.safetensors + config
+            torch.save(optimizer, local / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), local / "scheduler.pt")
+            (local / "state.json").write_text(json.dumps({"step": self.step, "history": self.history}))
+        distributed.barrier(self.ranks)  # every rank's RNG file is written
+        if self.ranks.main:
+            uri = checkpoints.save(local, self.checkpoints_uri, self.step, self.run.cache_key)
+            checkpoints.prune(self.checkpoints_uri, self.config.keep_checkpoints)
+            log.info("checkpoint saved at step %d: %s", self.step, uri)
+        distributed.barrier(self.ranks)  # no rank goes on (or exits) before the checkpoint is complete
 
-    def save_adapter(self) -> None:
+    def save_adapter(self, adapter: dict[str, torch.Tensor]) -> None:
         """The stage's outputs: the adapter in PEFT's format (plus its base model's identity) and the train log.
 
         The checkpoints are working state, deleted once the manifest is committed.
@@ -405,10 +576,10 @@ class LoRARecipe:
         # What from_pretrained accepts (AutoPeftModelForCausalLM opens the base from here): a local path or a
         # hub id. A remote URI stays as it is; the URI itself is in training_base.json and the lineage.
         name = config.base_model
-        self.model.peft_config["default"].base_model_name_or_path = (
+        self.peft_model.peft_config["default"].base_model_name_or_path = (
             str(uris.local_path(name)) if uris.is_local(name) else name
         )
-        self.model.save_pretrained(adapter_dir)
+        self.peft_model.save_pretrained(adapter_dir, state_dict=adapter)
         # PEFT keeps target_modules as a set, so its order in the JSON changes with each process's hash
         # seed: sorted, the same training writes the same bytes (a resumed run equals an uninterrupted one).
         config_file = adapter_dir / layout.ADAPTER_CONFIG
@@ -424,7 +595,6 @@ class LoRARecipe:
         )
         store.upload_dir(adapter_dir, run.output(layout.ADAPTER))
         store.write_text(run.output(layout.TRAIN_LOG), "".join(json.dumps(h) + "\n" for h in self.history))
-        run.remove_after_commit.append(self.checkpoints_uri)
 
     def metrics(self, seconds: float) -> dict:
         """What the manifest records of this training, logged in one line."""
@@ -440,8 +610,11 @@ class LoRARecipe:
             "loss_token_share": round(self.loss_tokens / max(self.trained_tokens, 1), 4),
             "trainable_parameters": self.n_trainable,
             "total_parameters": self.n_total,
-            "device": str(self.device),
+            "device": self.device.type,
+            "processes": self.ranks.world,
+            "strategy": self.strategy,
             "precision": str(self.dtype).removeprefix("torch."),
+            "quantization": self.config.quantization,
             "attn_implementation": self.config.attn_implementation,
             "gradient_checkpointing": self.checkpointing,
         }
@@ -455,10 +628,10 @@ class LoRARecipe:
         return metrics
 
 
-def sanity_check(model, history: list[dict]) -> None:
+def sanity_check(adapter: dict[str, torch.Tensor], history: list[dict]) -> None:
     """The adapter must have moved away from its zero init, or nothing was learned."""
-    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    if history and all(float(p.detach().abs().max()) == 0.0 for p in lora_b):
+    lora_b = [p for n, p in adapter.items() if "lora_B" in n]
+    if history and all(float(p.abs().max()) == 0.0 for p in lora_b):
         raise RuntimeError("LoRA B matrices are still zero after training: no update was applied")
 
 

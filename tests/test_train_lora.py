@@ -194,3 +194,122 @@ def test_flash_attention_is_refused_where_it_cannot_run(finetune_run, capsys):
     assert train_lora.main(args) == 2
     err = capsys.readouterr().err
     assert "error: train_lora: attn_implementation=flash_attention_2 cannot run here (no CUDA GPU): use sdpa" in err
+
+
+# ---- Several processes (one per GPU in a pod; two gloo ranks on CPU here) ----------------------------
+
+# No dropout: one process and two draw different dropout masks (each rank has its own stream); without it the
+# math is the same. The global batch is batch_size x grad_accum_steps whatever the number of processes.
+RANKS = ["max_steps=16", "checkpoint_every=4", "learning_rate=2e-3", "batch_size=2", "grad_accum_steps=2", "dropout=0"]
+# Two ranks sum the same two micro-batch gradients one process accumulates; measured: equal to the last bit.
+RANKS_TOLERANCE = 1e-6
+
+
+def ranks_args(run: dict, run_id: str, *extra: str) -> list[str]:
+    return [*common(run_id, run), *RANKS, *extra]
+
+
+def adapter_tensors(run: dict, run_id: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(stage_dir(run, run_id) / "adapter/adapter_model.safetensors")
+
+
+def assert_same_adapter(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst <= RANKS_TOLERANCE, f"adapters differ by {worst}"
+
+
+@pytest.fixture(scope="module")
+def one_process_adapter(finetune_run) -> dict:
+    run_stage_cli("train_lora", *ranks_args(finetune_run, "ranks-1"), "processes=1")
+    return adapter_tensors(finetune_run, "ranks-1")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_the_adapter_one_process_does(finetune_run, one_process_adapter, strategy):
+    run_id = f"ranks-2-{strategy}"
+    proc = run_stage_cli("train_lora", *ranks_args(finetune_run, run_id), "processes=2", f"strategy={strategy}")
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]
+    assert (metrics["processes"], metrics["strategy"]) == (2, strategy)
+    assert "train_lora rank 1]" in proc.stderr  # the second rank really trained
+    assert_same_adapter(adapter_tensors(finetune_run, run_id), one_process_adapter)
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.integration
+def test_two_processes_sigterm_stop_together_and_resume(finetune_run, one_process_adapter):
+    out = stage_dir(finetune_run, "ranks-sigterm")
+    proc = start([*ranks_args(finetune_run, "ranks-sigterm"), "processes=2"])
+    wait_for_checkpoint(out, proc, at_least=4)
+    proc.send_signal(signal.SIGTERM)  # the stage process alone, as a local run gets it: it passes it on
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    stopped_at = max(complete_steps(out))
+    assert f"stopped at step {stopped_at}" in stderr
+    # Each rank's RNG state is part of the checkpoint.
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in (out / f"checkpoints/step-{stopped_at:08d}").iterdir()}
+    rerun = run_stage_cli("train_lora", *ranks_args(finetune_run, "ranks-sigterm"), "processes=2")
+    assert f"resumed from checkpoint at step {stopped_at}" in rerun.stderr
+    assert_same_adapter(adapter_tensors(finetune_run, "ranks-sigterm"), one_process_adapter)
+
+
+@pytest.mark.integration
+def test_two_processes_sigkill_leave_no_rank_behind_and_resume_on_one(finetune_run, one_process_adapter):
+    out = stage_dir(finetune_run, "ranks-sigkill")
+    proc = start([*ranks_args(finetune_run, "ranks-sigkill"), "processes=2"])
+    wait_for_checkpoint(out, proc, at_least=8)
+    ranks = child_pids(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in ranks):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks), "training ranks outlived the stage"
+    killed_at = max(complete_steps(out))
+    # Resuming on another number of processes: the checkpoint holds the full LoRA state.
+    rerun = run_stage_cli("train_lora", *ranks_args(finetune_run, "ranks-sigkill"), "processes=1")
+    assert f"resumed from checkpoint at step {killed_at}" in rerun.stderr
+    assert_same_adapter(adapter_tensors(finetune_run, "ranks-sigkill"), one_process_adapter)
+
+
+# ---- QLoRA: the base in 4-bit NF4 (bitsandbytes' CPU backend here) -------------------------------------
+
+
+def test_qlora_trains_an_adapter_that_loads_with_plain_peft(finetune_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    proc = run_stage_cli("train_lora", *common("qlora", finetune_run), "max_steps=4", "quantization=nf4")
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]
+    assert metrics["quantization"] == "nf4"
+    assert metrics["final_loss"] < metrics["first_loss"]
+    # The adapter is plain LoRA: it loads on the unquantized base and changes its output.
+    base = AutoModelForCausalLM.from_pretrained(finetune_run["base_model"].removeprefix("file://"))
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    before = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, str(stage_dir(finetune_run, "qlora") / "adapter"))
+    assert not torch.allclose(adapted(ids).logits, before)
+
+
+def test_qlora_without_bitsandbytes_is_refused_before_loading(finetune_run, capsys, monkeypatch):
+    from stages import train_lora
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an image without it
+    assert train_lora.main([*common("no-bnb", finetune_run), "quantization=nf4"]) == 2
+    err = capsys.readouterr().err
+    assert "quantization=nf4 needs the bitsandbytes package, which this image does not have" in err
+    assert "Traceback" not in err
+
+
+def test_qlora_with_fsdp_is_refused(finetune_run, capsys):
+    from stages import train_lora
+
+    assert train_lora.main([*common("nf4-fsdp", finetune_run), "quantization=nf4", "strategy=fsdp"]) == 2
+    assert "quantization=nf4 with strategy=fsdp is not supported" in capsys.readouterr().err

@@ -74,6 +74,9 @@ TUNABLES: dict[str, dict[str, dict[str, Any]]] = {
         "epochs": {"type": "integer", "minimum": 1, "maximum": 1000},
         "precision": {"enum": ["auto", "fp32", "bf16"]},
         "attn_implementation": {"enum": ["auto", "sdpa", "eager", "flash_attention_2"]},
+        "gradient_checkpointing": {"enum": ["auto", "on", "off"]},
+        "quantization": {"enum": ["none", "nf4"]},
+        "strategy": {"enum": ["auto", "ddp", "fsdp"]},
         "seed": SEED,
     },
     "evaluate": {

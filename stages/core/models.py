@@ -125,14 +125,48 @@ def context_length(model_config: Any, tokenizer: Any = None) -> int | None:
     return None
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str = "auto"):
-    """The model on ``device``; ``auto`` leaves the attention kernel to transformers (SDPA where the model has it)."""
+def load_model(
+    path: str, dtype: torch.dtype, device: torch.device, attn_implementation: str = "auto", quantization: str = "none"
+):
+    """The model on ``device``; ``auto`` leaves the attention kernel to transformers (SDPA where the model has it).
+
+    ``quantization="nf4"`` loads the linear layers in 4-bit NormalFloat with double quantisation and
+    ``dtype`` compute (QLoRA; bitsandbytes, see :func:`check_quantization`); the rest stays in ``dtype``.
+    """
     from transformers import AutoModelForCausalLM
 
-    kernel = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    options: dict[str, Any] = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        options["device_map"] = {"": device}  # a quantized model is placed as it loads, never moved after
     with _hub_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kernel)
-    return model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
+    return model if quantization == "nf4" else model.to(device)
+
+
+def check_quantization(quantization: str, field: str = "quantization") -> None:
+    """4-bit needs bitsandbytes (the CUDA images have it) and a backend for this machine: say so before loading."""
+    if quantization == "none":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"{field}={quantization} needs the bitsandbytes package, which this image does not have "
+            "(the CUDA trainer image does): use quantization=none here"
+        )
+    try:
+        import bitsandbytes  # noqa: F401  (it checks its native library as it imports)
+    except (ImportError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{field}={quantization}: bitsandbytes cannot run on this machine ({first})") from None
 
 
 @contextmanager

@@ -107,9 +107,7 @@ def run_stage(
     parser.add_argument("--config", help="YAML file (or URI) of settings")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s [{name}] %(message)s", stream=sys.stderr, force=True
-    )
+    logging.basicConfig(level=logging.INFO, format=log_format(name), stream=sys.stderr, force=True)
     # SIGTERM (a pod deleted, a spot node reclaimed) stops the stage without a traceback; a training loop
     # installs its own handler, which checkpoints first. (Signal handlers belong to the main thread: a stage
     # called in another thread keeps the process's.)
@@ -131,6 +129,11 @@ def run_stage(
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def log_format(name: str) -> str:
+    """Every log line of a stage names it (and, in a training process, its rank)."""
+    return f"%(asctime)s %(levelname)s [{name}] %(message)s"
 
 
 def _stop(signum: int, frame: Any) -> None:
