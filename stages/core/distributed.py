@@ -117,6 +117,10 @@ def _rank_main(rank: int, world: int, port: int, parent: int, name: str, cuda: b
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the stage process decides
     logging.basicConfig(level=logging.INFO, format=log_format(f"{name} rank {rank}"), stream=sys.stderr, force=True)
+    # The pod's CPUs shared out (OMP_NUM_THREADS, if set, decides as usual): ranks that each take every core
+    # slow one another down, as torchrun knows too.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group(
