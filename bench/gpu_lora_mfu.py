@@ -12,7 +12,9 @@ does not depend on what the weights learned): by default 16 layers x 2048, group
 Training runs the same steps as ``stages.train_lora`` (its ``wrap_with_lora``: LoRA r=16 on every
 linear projection; bf16 weights as ``precision=auto`` picks on a GPU, PEFT's fp32 adapter weights;
 AdamW; gradient clipping) on fixed-length blocks of random tokens (packed data has no padding), SDPA
-attention, no activation checkpointing. MFU counts, per trained token,
+attention, once without activation checkpointing and once with it (``gradient_checkpointing=auto`` on a
+GPU: non-reentrant, the forward pass recomputed in the backward, which MFU does not count as useful
+work). MFU counts, per trained token,
 
     4 x (parameters of every matmul: all linear layers and the output head, not the embedding lookup)
         (frozen weights: forward 2, gradient w.r.t. activations 2; no weight gradients)
@@ -127,10 +129,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[object, dict]:
+def train(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, checkpointing: bool
+) -> tuple[object, dict]:
     from stages.train_lora import ALL_LINEAR, TrainLoraConfig, wrap_with_lora
 
     model = build_model(args, dtype, device)
+    if checkpointing:  # as train_lora switches it on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = TrainLoraConfig(base_model="random-init", dataset_uri="unused", rank=args.rank, alpha=2.0 * args.rank)
     assert lora_config.target_modules == [ALL_LINEAR]
     model = wrap_with_lora(model, lora_config).to(device)
@@ -171,6 +177,7 @@ def train(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     peak = args.peak_tflops or peak_tflops(device)
     achieved = flops["counted"] * tokens / seconds / 1e12
     return model, {
+        "gradient_checkpointing": checkpointing,
         "tokens_per_second": tokens / seconds,
         "step_seconds": seconds / args.steps,
         "tokens_per_step": args.batch * args.seq,
@@ -276,8 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         "rank": args.rank,
         "compile": args.compile,
     }
-    model, result["train"] = train(args, device, dtype)
-    print(f"train: {result['train']['tokens_per_second']:,.0f} tokens/s, MFU {result['train']['mfu']}", flush=True)
+    for checkpointing in (True, False):  # the model trained without checkpointing goes on to inference
+        model, run = train(args, device, dtype, checkpointing)
+        result["train_checkpointing" if checkpointing else "train"] = run
+        print(f"train (checkpointing {checkpointing}): {run['tokens_per_second']:,.0f} tokens/s, MFU {run['mfu']}, "
+              f"peak {run['max_memory_gib']} GiB", flush=True)  # fmt: skip
+        if checkpointing:
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     result["infer"] = infer(model, args, device)
     text = json.dumps(result, indent=1)
     print(text)
