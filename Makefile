@@ -229,7 +229,8 @@ bench-clean:
 #                                           (and their base), tagged <revision>-cuda and latest-cuda; not in CI
 #   REGISTRY=<host>/<path> make push-images build, then push the revision tag
 #   make images-list                        the references the DAGs and chart use (kubernetes.image.repository = $(REGISTRY)/stages)
-#   make images-lock                        rewrite images/stage-base/*.lock from pyproject.toml and the venv
+#   make images-lock                        rewrite images/stage-base/*.lock and images/airflow/requirements.txt
+#                                           from pyproject.toml (and the venv)
 #   make test-docker                        the docker tier only (tests/docker): builds the stage images, runs them
 # Settings (environment or make variables): REGISTRY, TAG, IMAGES, TORCH_VARIANT (cpu | cuda | cu128 ...),
 # BASE_IMAGE, AIRFLOW_BASE_IMAGE, STAGE_EXTRAS, EXTRA_CA_CERTS, DOCKER; see images/build.sh (make passes
@@ -250,6 +251,17 @@ images-list:
 
 images-lock: install
 	$(PY) images/lock.py
+	$(PY) images/dags_bundle.py --image-requirements
 
 test-docker: install
 	$(PY) -m pytest -m docker tests/docker
+
+# ---- Managed Airflow: Cloud Composer, Amazon MWAA, Astronomer (docs/deploy-composer.md, -mwaa.md, -astronomer.md) ----
+#   make dags-bundle CLOUD=gke    build/dags-bundle/ and build/dags-bundle.zip: the DAGs folder, the requirements.txt
+#                                 the service installs (pinned from pyproject.toml, no Airflow, no stage code) and the
+#                                 platform config to edit (from values/$(CLOUD)/pipeline.yaml)
+# Standard library only: runs before the virtual environment exists (python 3.11 or newer).
+.PHONY: dags-bundle
+dags-bundle: check-cloud
+	@py=$$( [ -x $(PY) ] && echo $(PY) || echo $(PYTHON) ); \
+	$$py images/dags_bundle.py --config values/$(CLOUD)/pipeline.yaml --out build/dags-bundle
