@@ -8,7 +8,9 @@ LoRA fine-tuning of a base model on your text, gated by evaluation, then batch i
 - **plan** checks the whole run conf (unknown keys included) and fixes the stage run id: the conf's
   `run_id`, or a hash of the conf and a listing of its input files, so triggering the same conf again
   reuses every stage's committed output (cache hits); after a code change only the stages whose code or
-  inputs changed recompute.
+  inputs changed recompute. It also estimates train_lora's peak memory per GPU from the base model's
+  `config.json` and fails, with the numbers and the settings that would fit, when the GPU pools'
+  `gpu_memory_gib` is too small, before any GPU node scales up (`genai_dags/memory_plan.py`).
 - **quality_gate** reads evaluate's `metrics.quality_gate` and stops the run before inference and
   publication when it failed; the reason is in its log and in the failure notification.
 - **publish** copies the adapter, the evaluation and a `lineage.json` to
@@ -53,10 +55,12 @@ def genai_finetune() -> None:
         try:
             params.check_conf(dict(context["dag_run"].conf or {}), PARAMS)
             conf = dict(context["params"])
+            memory, memory_note = planner.train_memory_plan(conf, SETTINGS)
             inputs = planner.input_fingerprint(planner.finetune_inputs(conf, SETTINGS))
-            result = planner.finetune_plan(conf, SETTINGS, inputs)
+            result = planner.finetune_plan(conf, SETTINGS, inputs, memory)
         except (params.ConfError, planner.PlanError) as exc:
             raise AirflowFailException(str(exc)) from None
+        log.info("%s", memory_note)
         log.info(
             "stage run id %s: artifacts under %s/runs/%s/", result["run_id"], SETTINGS.artifact_root, result["run_id"]
         )

@@ -1,8 +1,9 @@
 """The planner: from a validated run conf to each stage's command-line arguments (the first task of every DAG).
 
 Plain functions, no Airflow: the DAGs' ``plan`` tasks call them, and the tests call them directly.
-They decide the stage run id, resolve base-model names and plain paths, and build the exact
-``key=value`` list every stage task passes to ``python -m stages.<name>``.
+They decide the stage run id, resolve base-model names and plain paths, check that training fits the
+node pool's GPUs (:func:`train_memory_plan`), and build the exact ``key=value`` list every stage task
+passes to ``python -m stages.<name>``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import re
 from typing import Any
 
+from genai_dags import memory_plan
 from genai_dags.params import TUNABLES
 from genai_dags.settings import PipelineSettings
 from genai_dags.stage_specs import STAGES
@@ -116,16 +118,63 @@ def tunable_args(stage: str, params: dict[str, Any]) -> list[str]:
     return [_arg(k, v) for k, v in sorted(values.items())]
 
 
-def finetune_plan(params: dict[str, Any], settings: PipelineSettings, inputs: dict[str, str]) -> dict[str, Any]:
+def train_memory_plan(params: dict[str, Any], settings: PipelineSettings) -> tuple[memory_plan.MemoryPlan | None, str]:
+    """train_lora's estimated peak memory per GPU against the GPUs of its node pools, and the line to log.
+
+    The plan is None (and the line says why) where there is nothing to check: a runtime without node
+    pools, a train_lora without GPUs, pools without ``gpu_memory_gib``, a hub model id (its config.json is
+    not read here), a config the estimate does not cover. Raises PlanError, with the table and the
+    settings that would fit, when the run cannot fit the smaller GPU of ``gpu-spot`` and ``gpu-on-demand``
+    (its last retry). The read is one small file through fsspec.
+    """
+    stage = settings.stage("train_lora")
+    if settings.runtime != "kubernetes":
+        return None, f"memory plan skipped: the {settings.runtime} runtime has no node pools to fit"
+    if not stage.uses_gpu:
+        return None, "memory plan skipped: train_lora runs without a GPU (stages.train_lora.gpu: 0)"
+    pools = settings.kubernetes.node_pools
+    sized = [(pools[p].gpu_memory_gib, p) for p in ("gpu-spot", "gpu-on-demand") if pools[p].gpu_memory_gib]
+    if not sized:
+        return None, "memory plan skipped: no kubernetes.node_pools.<pool>.gpu_memory_gib for the GPU pools"
+    gpu_gib, pool = min(sized, key=lambda size_pool: size_pool[0])  # the first on a tie: the stage's own pool
+    base_model = resolve_base_model(params["base_model"], settings)
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", base_model):
+        return None, f"memory plan skipped: base_model={base_model!r} is a hub id, whose config.json is not read here"
+    try:
+        import fsspec
+
+        with fsspec.open(f"{base_model.rstrip('/')}/config.json", "rb") as fh:
+            arch = memory_plan.Architecture.from_config(json.load(fh))
+    except (OSError, ValueError) as exc:  # the stage names a missing or broken model itself
+        return None, f"memory plan skipped: {base_model}/config.json: {exc}"
+    block_size = (params.get("tokenize") or {}).get("block_size", memory_plan.BLOCK_SIZE_DEFAULT)
+    train = memory_plan.TrainSettings.from_conf(params.get("train") or {}, block_size, gpus=stage.gpu)
+    try:
+        plan = memory_plan.plan(arch, train, gpu_gib, pool)
+    except memory_plan.DoesNotFit as exc:
+        raise PlanError(str(exc)) from None
+    return plan, plan.render()
+
+
+def finetune_plan(
+    params: dict[str, Any],
+    settings: PipelineSettings,
+    inputs: dict[str, str],
+    memory: memory_plan.MemoryPlan | None = None,
+) -> dict[str, Any]:
     """The stage run id, the published name/version, and every stage's arguments.
 
     ``inputs`` is what else makes a run what it is besides its conf: the fingerprint of its input files
-    (:func:`input_fingerprint`).
+    (:func:`input_fingerprint`). ``memory`` is :func:`train_memory_plan`'s plan: where it chose fsdp for
+    ``strategy=auto``, train_lora gets ``strategy=fsdp``.
     """
     run_id = params.get("run_id") or stable_run_id("ft", params, inputs)
     version = params.get("version") or run_id
     base_model = resolve_base_model(params["base_model"], settings)
     common = [f"artifact_root={settings.artifact_root}", f"run_id={run_id}"]
+    train = tunable_args("train_lora", params)
+    if memory is not None and memory.chose_fsdp:
+        train = [*(a for a in train if not a.startswith("strategy=")), "strategy=fsdp"]
     return {
         "run_id": run_id,
         "model_name": params["model_name"],
@@ -136,7 +185,7 @@ def finetune_plan(params: dict[str, Any], settings: PipelineSettings, inputs: di
             f"base_model={base_model}",
             *tunable_args("tokenize", params),
         ],
-        "train_lora": [*common, f"base_model={base_model}", *tunable_args("train_lora", params)],
+        "train_lora": [*common, f"base_model={base_model}", *train],
         "evaluate": [*common, f"base_model={base_model}", *tunable_args("evaluate", params)],
         "batch_infer": [
             *common,

@@ -70,6 +70,10 @@ class NodePool(Section):
     node_selector: dict[LabelKey, str] = Field(default_factory=dict, description="labels a pod of this pool selects")
     tolerations: tuple[Toleration, ...] = Field((), description="taints of the pool's nodes that its pods tolerate")
     priority_class: PriorityClassName = Field("", description="PriorityClass of the pool's pods (empty: none)")
+    # The plan task fits train_lora's estimated peak memory into this before a GPU node scales up.
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, le=1024, description="memory of one GPU of the pool in GiB (none: no memory plan)"
+    )
 
 
 class StageOverride(Section):
@@ -127,7 +131,8 @@ class KubernetesSettings(Section):
     gpu_resource: LabelKey = Field("nvidia.com/gpu", description="the extended resource GPU stages request")
     node_pools: dict[NodePoolName, NodePool] = Field(
         default_factory=lambda: {p: NodePool() for p in NODE_POOLS},
-        description="each pool (`cpu`, `gpu-spot`, `gpu-on-demand`): what its pods select and tolerate",
+        description="each pool (`cpu`, `gpu-spot`, `gpu-on-demand`): what its pods select and tolerate, "
+        "the memory of its GPUs",
     )
     labels: dict[LabelKey, str] = Field(default_factory=dict, description="extra pod labels")
     # A shared file system (NFS, Filestore, EFS, Azure Files, a node's disk on a one-node cluster) instead
