@@ -552,9 +552,6 @@ class LoRARecipe:
         local.mkdir(exist_ok=True)
         torch.save(rng_state(), local / f"rng-rank{self.ranks.rank}.pt")
         if self.ranks.main:
-            for stale in local.glob("rng-rank*.pt"):  # an earlier attempt's ranks beyond this one's
-                if int(stale.stem.removeprefix("rng-rank")) >= self.ranks.world:
-                    stale.unlink()
             self.peft_model.save_pretrained(local, state_dict=adapter)  # adapter_model.safetensors + config
             torch.save(optimizer, local / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), local / "scheduler.pt")
