@@ -248,6 +248,32 @@ def test_platform_overrides_change_resources_without_touching_dag_files(tmp_path
     assert "cloud.google.com/gke-spot" not in pod["spec"]["nodeSelector"]  # no GPU: the CPU pool
 
 
+def test_a_multi_gpu_trainer_gets_its_gpus_shared_memory_and_nccl_settings(tmp_path):
+    """Eight GPUs on one node: train_lora starts one process per GPU; NCCL talks through /dev/shm."""
+    text = config_path("gke").read_text() + "stages:\n  train_lora: {gpu: 8}\n"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(text)
+    pods = render_pods.render_all(config)
+    trainer = pods["genai_finetune.train_lora"]
+    resources = base_container(trainer)["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "8"
+    shm = next(v for v in trainer["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}  # 2 GiB per GPU
+    for name, pod in pods.items():
+        env = {e["name"]: e.get("value") for e in base_container(pod).get("env", [])}
+        assert (env.get("NCCL_DEBUG") == "WARN") == (stage_of(pod) in GPU_STAGES), name
+    kubernetes_validate.validate(trainer, K8S_VERSIONS[-1], strict=True)
+
+
+def test_more_gpus_than_a_node_has_is_refused_naming_both_keys(tmp_path):
+    text = config_path("gke").read_text().replace("gpu_memory_gib: 22", "gpu_memory_gib: 22\n      gpus_per_node: 4")
+    assert "gpus_per_node: 4" in text
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(text + "stages:\n  train_lora: {gpu: 8}\n")
+    with pytest.raises(settings.ConfigError, match=r"stages.train_lora.gpu=8 is more than kubernetes.node_pools"):
+        settings.load_file(config)
+
+
 @pytest.mark.parametrize("cloud_name", CLOUDS)
 def test_operator_settings_clean_up_stream_logs_and_wait_for_gpu_scale_up(cloud_name):
     dags = render_pods.load_dags(config_path(cloud_name))

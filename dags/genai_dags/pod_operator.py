@@ -197,11 +197,12 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
     )
     volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=k.scratch_size))]
     mounts = [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")]
-    if stage.uses_gpu:  # PyTorch data loaders and NCCL need more shared memory than the 64 MiB default
-        volumes.append(
-            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="2Gi"))
-        )
+    env = container_environment(stage.image)
+    if stage.uses_gpu:  # NCCL (one training process per GPU) needs more shared memory than the 64 MiB default
+        shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=f"{k.shm_gib_per_gpu * stage.gpu}Gi")
+        volumes.append(k8s.V1Volume(name="dshm", empty_dir=shm))
         mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+        env = {**k.gpu_env, **env}
     if k.artifact_volume_claim:  # a shared file system at the artifact root's own path: URIs mean the same
         claim = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=k.artifact_volume_claim)
         volumes.append(k8s.V1Volume(name="artifacts", persistent_volume_claim=claim))
@@ -231,7 +232,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
         "image": stage.image,
         "image_pull_policy": k.image.pull_policy,
         "cmds": stage.spec.container_command,
-        "env_vars": container_environment(stage.image),
+        "env_vars": env,
         "labels": {
             "app.kubernetes.io/name": "genai-stage",
             "app.kubernetes.io/component": stage.name.replace("_", "-"),

@@ -74,6 +74,10 @@ class NodePool(Section):
     gpu_memory_gib: float | None = Field(
         None, gt=0, le=1024, description="memory of one GPU of the pool in GiB (none: no memory plan)"
     )
+    # A pod's GPUs are on one node: a stage that asks for more than a node has would never schedule.
+    gpus_per_node: int | None = Field(
+        None, ge=1, le=16, description="GPUs of one node of the pool, the most a stage may request (none: unchecked)"
+    )
 
 
 class StageOverride(Section):
@@ -129,6 +133,12 @@ class KubernetesSettings(Section):
     # Time between SIGTERM and SIGKILL: the trainer saves a checkpoint in it (spot notices give 30-120 s).
     termination_grace_seconds: int = Field(120, ge=1, le=3600, description="SIGTERM -> SIGKILL (checkpoint)")
     gpu_resource: LabelKey = Field("nvidia.com/gpu", description="the extended resource GPU stages request")
+    # NCCL's intra-node transport keeps its buffers in /dev/shm (64 MiB by default in a container).
+    shm_gib_per_gpu: int = Field(2, ge=1, le=64, description="GiB of /dev/shm (a memory emptyDir) per GPU")
+    gpu_env: dict[Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9_]*$")], str] = Field(
+        default_factory=lambda: {"NCCL_DEBUG": "WARN"},
+        description="environment of GPU stage pods: NCCL settings of the cloud's network (EFA, TCPX, InfiniBand)",
+    )
     node_pools: dict[NodePoolName, NodePool] = Field(
         default_factory=lambda: {p: NodePool() for p in NODE_POOLS},
         description="each pool (`cpu`, `gpu-spot`, `gpu-on-demand`): what its pods select and tolerate, "
@@ -374,6 +384,16 @@ def _runtime_problem(s: PipelineSettings) -> str | None:
             "kubernetes.node_pools.gpu-spot.node_selector is empty: GPU stages would land on any node; "
             "name the cloud's spot label (see values/<cloud>/pipeline.yaml)"
         )
+    if s.runtime == "kubernetes":
+        for name in STAGES:
+            gpus = s.stage(name).gpu
+            for pool in ("gpu-spot", "gpu-on-demand"):
+                per_node = s.kubernetes.node_pools[pool].gpus_per_node
+                if gpus and per_node is not None and gpus > per_node:
+                    return (
+                        f"stages.{name}.gpu={gpus} is more than kubernetes.node_pools.{pool}.gpus_per_node="
+                        f"{per_node}: a pod's GPUs are on one node, so it would never schedule"
+                    )
     if s.runtime == "docker" and not s.artifact_root.startswith("file://"):
         return (
             f"artifact_root={s.artifact_root!r}: the docker runtime mounts a local artifact root into each "
