@@ -25,6 +25,11 @@ work). MFU counts, per trained token,
 against the card's dense bf16 peak (989 TFLOP/s for H100 SXM and H200; --peak-tflops overrides).
 The full-square attention count (PaLM's 12 x layers x seq x hidden) is reported too.
 
+Each training run also reports the memory plan's estimate (``dags/genai_dags/memory_plan.py``, what the
+``plan`` task checks before scheduling) against ``torch.cuda.max_memory_allocated``: the plan's peak
+without its fixed CUDA-context term and margin, which the allocator does not see, is the comparable
+figure. A third run trains QLoRA (the base in 4-bit NF4, with checkpointing) when bitsandbytes imports.
+
 Batch inference: ``stages.core.generation.generate_completions`` (length-sorted, left-padded batches of 64,
 ``torch.inference_mode``) on the trained model with the adapter merged, vs ``model.generate`` per
 prompt on the PEFT model as trained (the per-prompt loop runs a subset of the prompts: its rate per
@@ -44,6 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the stages package, run from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dags"))  # the memory plan
 
 import torch
 
@@ -129,17 +135,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def build_qlora_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device, folder: Path):
+    """The same model saved, then loaded with its linear layers in 4-bit as train_lora loads it."""
+    from peft import prepare_model_for_kbit_training
+
+    from stages.core import models
+
+    build_model(args, dtype, torch.device("cpu")).save_pretrained(folder)
+    model = models.load_model(str(folder), dtype, device, "sdpa", quantization="nf4")
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def planned(model, args: argparse.Namespace, checkpointing: bool, quantization: str) -> dict:
+    """The memory plan's estimate for this run, in GiB: its peak, and the peak the allocator can see."""
+    from genai_dags import memory_plan
+
+    train = {"batch_size": args.batch, "rank": args.rank, "gradient_checkpointing": "on" if checkpointing else "off",
+             "quantization": quantization, "attn_implementation": "sdpa"}  # fmt: skip
+    settings = memory_plan.TrainSettings.from_conf(train, args.seq, gpus=1)
+    estimate = memory_plan.estimate(memory_plan.Architecture.from_config(model.config.to_dict()), settings)
+    allocated = (estimate.peak - estimate.margin) - estimate.overhead
+    return {"plan_peak_gib": estimate.peak / 2**30, "plan_allocated_gib": allocated / 2**30}
+
+
 def train(
-    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, checkpointing: bool
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, checkpointing: bool, quantization: str = "none"
 ) -> tuple[object, dict]:
+    import tempfile
+
     from stages.train_lora import ALL_LINEAR, TrainLoraConfig, wrap_with_lora
 
-    model = build_model(args, dtype, device)
+    if quantization == "nf4":
+        with tempfile.TemporaryDirectory() as folder:
+            model = build_qlora_model(args, dtype, device, Path(folder))
+    else:
+        model = build_model(args, dtype, device)
     if checkpointing:  # as train_lora switches it on
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = TrainLoraConfig(base_model="random-init", dataset_uri="unused", rank=args.rank, alpha=2.0 * args.rank)
     assert lora_config.target_modules == [ALL_LINEAR]
-    model = wrap_with_lora(model, lora_config).to(device)
+    model = wrap_with_lora(model, lora_config)
+    if quantization == "none":
+        model = model.to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -176,8 +213,14 @@ def train(
     flops = flops_per_token(model, args)
     peak = args.peak_tflops or peak_tflops(device)
     achieved = flops["counted"] * tokens / seconds / 1e12
+    max_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    plan = planned(model, args, checkpointing, quantization)
     return model, {
         "gradient_checkpointing": checkpointing,
+        "quantization": quantization,
+        "max_memory_gib": max_memory,
+        **plan,
+        "plan_vs_measured": plan["plan_allocated_gib"] / max_memory if max_memory else None,
         "tokens_per_second": tokens / seconds,
         "step_seconds": seconds / args.steps,
         "tokens_per_step": args.batch * args.seq,
@@ -188,8 +231,15 @@ def train(
         "achieved_tflops_full_square_attention": flops["full_square_attention"] * tokens / seconds / 1e12,
         "peak_tflops": peak,
         "mfu": achieved / peak if peak else None,
-        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
+
+
+def qlora_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def peak_tflops(device: torch.device) -> float:
@@ -283,12 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         "rank": args.rank,
         "compile": args.compile,
     }
-    for checkpointing in (True, False):  # the model trained without checkpointing goes on to inference
-        model, run = train(args, device, dtype, checkpointing)
-        result["train_checkpointing" if checkpointing else "train"] = run
-        print(f"train (checkpointing {checkpointing}): {run['tokens_per_second']:,.0f} tokens/s, MFU {run['mfu']}, "
-              f"peak {run['max_memory_gib']} GiB", flush=True)  # fmt: skip
-        if checkpointing:
+    runs = [("train_qlora", True, "nf4")] if qlora_available() else []
+    # The model trained without checkpointing goes on to inference: it runs last.
+    runs += [("train_checkpointing", True, "none"), ("train", False, "none")]
+    for key, checkpointing, quantization in runs:
+        model, run = train(args, device, dtype, checkpointing, quantization)
+        result[key] = run
+        print(f"{key}: {run['tokens_per_second']:,.0f} tokens/s, MFU {run['mfu']}, peak {run['max_memory_gib']} GiB "
+              f"(plan {run['plan_allocated_gib']:.2f})", flush=True)  # fmt: skip
+        if key != "train":
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
