@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast test-storage quality style chain clean
+.PHONY: install test test-fast test-storage quality style chain costs clean
 
 # Azurite, Microsoft's Azure Blob emulator, for the storage tier: npm, pinned, project-local.
 # 3.35.0 is the newest release whose engines field accepts Node 20 (3.36 wants 21, 3.37 wants 22).
@@ -86,6 +86,12 @@ chain: install
 	$(PY) -m stages.evaluate --config $(CONFIGS)/evaluate.yaml
 	$(PY) -m stages.batch_infer --config $(CONFIGS)/batch_infer.yaml
 	$(PY) -m stages.publish --config $(CONFIGS)/publish.yaml
+
+# What the runs under an artifact root cost: per published model version, then per run (stages/core/costs.py).
+ARTIFACT_ROOT ?= ./artifacts
+
+costs: install
+	$(PY) -m stages.core.costs $(ARTIFACT_ROOT)
 
 clean:
 	rm -rf artifacts .pytest_cache

@@ -35,6 +35,7 @@ from airflow.sdk import Asset, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from genai_dags import params, planner
+from genai_dags.cost_estimate import train_estimate
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.operators import stage_task
 from genai_dags.settings import load_settings
@@ -61,6 +62,7 @@ def genai_finetune() -> None:
         except (params.ConfError, planner.PlanError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info("%s", memory_note)
+        log.info("%s", train_estimate(conf, SETTINGS))
         log.info(
             "stage run id %s: artifacts under %s/runs/%s/", result["run_id"], SETTINGS.artifact_root, result["run_id"]
         )

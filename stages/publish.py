@@ -9,6 +9,9 @@ Copies from this run (or the URIs given) to ``<artifact_root>/models/<model_name
     evaluation/         metrics.json, report.md, samples.jsonl and the plots of evaluate
     lineage.json        run id, base model, every upstream stage's cache key, input and output hashes,
                         code version and image
+    cost.json           what the run cost: every attempt of every stage (preempted ones included), its
+                        wall time, node pool and price, per stage and in total, against the same hours
+                        on demand (stages.core.costs); publish's own attempt counts up to its commit
     manifest.json       the commit marker, written last (as for every stage)
 
 ``version`` defaults to the run id. A published version is immutable: publishing different content
@@ -24,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from stages.core import layout, manifest, store, uris
+from stages.core import costs, layout, manifest, store, uris
 from stages.core.config import check, check_run_id, help_field
 from stages.core.errors import UserError
 from stages.core.runner import StageConfig, StageRun, run_stage
@@ -225,6 +228,9 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
     copied = copy_evaluation(config, run)
     lineage = build_lineage(config, run, adapter, evaluated, gate, predictions)
     store.write_text(run.output("lineage.json"), json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+    cost = costs.run_cost(config.artifact_root, config.run_id, current=run.attempt)
+    store.write_text(run.output(costs.COST_FILE), json.dumps(cost, indent=2, sort_keys=True) + "\n")
+    log.info("%s", costs.render(cost))
 
     sanity_check(run, adapter)
     log.info(
@@ -242,6 +248,13 @@ def publish(config: PublishConfig, run: StageRun) -> dict[str, Any]:
         "adapter_uri": run.output(layout.ADAPTER),
         "base_model": adapter.base_model,
         "quality_gate_passed": bool(gate.get("passed")),
+        "cost": {
+            "currency": cost["currency"],
+            "total": cost["total"]["cost"],
+            "on_demand": cost["total"]["on_demand_cost"],
+            "seconds": cost["total"]["seconds"],
+            "stages": {name: s["cost"] for name, s in cost["stages"].items()},
+        },
     }
 
 

@@ -104,6 +104,7 @@ def summary(result: dict[str, Any], conf: dict[str, Any]) -> str:
         lines.append(f"  adapter:    {published['adapter_uri']}")
         lines.append(f"  report:     {published['uri']}/evaluation/report.md")
         lines.append(f"  lineage:    {published['uri']}/lineage.json")
+        lines.extend(cost_lines(published))
     infer = xcom.get("batch_infer") or {}
     if infer:
         predictions = f"{infer['output_uri']}/predictions.jsonl"
@@ -114,6 +115,25 @@ def summary(result: dict[str, Any], conf: dict[str, Any]) -> str:
         lines.append(f"cache hits:   {', '.join(cached)} (same conf and code as an earlier run)")
     lines.append(f"Airflow run {result['run_id']}; stage run id {result['plan']['run_id']}; log {HOME / 'demo.log'}")
     return "\n".join(lines)
+
+
+def cost_lines(published: dict[str, Any]) -> list[str]:
+    """What the run cost, as publish measured it from every stage attempt (``cost.json`` has the table)."""
+    cost = published.get("cost") or {}
+    if not cost:
+        return []
+    currency = cost.get("currency")
+    if cost.get("total") is None:
+        return [
+            f"  cost:       not priced (no costs.prices); {cost['seconds']:.0f}s of stage time; "
+            f"{published['uri']}/cost.json"
+        ]
+    per_stage = ", ".join(f"{name} {value:.4f}" for name, value in cost["stages"].items() if value is not None)
+    return [
+        f"  cost:       {cost['total']:.4f} {currency} ({cost['on_demand']:.4f} on demand) over "
+        f"{cost['seconds']:.0f}s of stage time, priced as the cluster's pools; {published['uri']}/cost.json",
+        f"              {per_stage}",
+    ]
 
 
 def samples(predictions_uri: str, prompts_file: Path, count: int = 3) -> list[str]:

@@ -22,7 +22,14 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from genai_dags.settings import PipelineSettings, ResolvedStage
-from genai_dags.stage_contract import EXIT_USER_ERROR, finish, local_environment, parse_result, user_error
+from genai_dags.stage_contract import (
+    EXIT_USER_ERROR,
+    finish,
+    local_environment,
+    parse_result,
+    resources_environment,
+    user_error,
+)
 
 
 class LocalStageOperator(BaseOperator):
@@ -39,10 +46,12 @@ class LocalStageOperator(BaseOperator):
         python: str = "",
         workdir: str = ".",
         kill_grace_seconds: int = 30,
+        resources: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stage = stage
+        self.resources = resources or {}
         self.arguments = arguments
         self.python = python
         self.workdir = workdir
@@ -62,6 +71,7 @@ class LocalStageOperator(BaseOperator):
             result_path = Path(tmp) / "result.json"
             env = {
                 **local_environment(os.environ),
+                **resources_environment(self.resources),
                 "STAGE_RESULT_PATH": str(result_path),
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [self.workdir, os.environ.get("PYTHONPATH")])),
@@ -135,4 +145,5 @@ def local_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, 
         "python": settings.local.python,
         "workdir": str(settings.local.workdir),
         "kill_grace_seconds": settings.local.kill_grace_seconds,
+        "resources": settings.stage_resources(stage.name),
     }

@@ -22,7 +22,14 @@ from kubernetes.client.exceptions import ApiException
 
 from genai_dags.pod_failures import StagePod, diagnose, refused_at_admission
 from genai_dags.settings import NodePool, PipelineSettings, ResolvedStage
-from genai_dags.stage_contract import EXIT_USER_ERROR, StageUserError, container_environment, finish
+from genai_dags.stage_contract import (
+    EXIT_USER_ERROR,
+    RESOURCES_ENV,
+    StageUserError,
+    container_environment,
+    finish,
+    resources_environment,
+)
 
 QUOTA_POLL_SECONDS = 5
 # The provider's XCom sidecar loop traps only SIGINT (how it is told to stop once the result is read). As
@@ -75,6 +82,7 @@ class StagePodOperator(KubernetesPodOperator):
         fallback_node_pool: NodePool | None = None,
         stage_priority_class: str = "",
         stage_pod: StagePod | None = None,
+        fallback_resources: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -85,6 +93,8 @@ class StagePodOperator(KubernetesPodOperator):
         self.node_pool = node_pool or NodePool()
         # GPU stages: the pool that the last try uses when spot capacity keeps being reclaimed.
         self.fallback_node_pool = fallback_node_pool
+        # What the last try's attempt records instead (the on-demand pool and its price).
+        self.fallback_resources = fallback_resources
 
     def execute(self, context: Any) -> Any:
         try:
@@ -120,6 +130,10 @@ class StagePodOperator(KubernetesPodOperator):
         for container in pod.spec.containers:
             if container.name == PodDefaults.SIDECAR_CONTAINER_NAME:
                 container.command = ["sh", "-c", SIDECAR_COMMAND]
+            elif capacity == "on-demand" and self.fallback_resources is not None:
+                for var in container.env or []:
+                    if var.name == RESOURCES_ENV:
+                        var.value = resources_environment(self.fallback_resources)[RESOURCES_ENV]
         return pod
 
     def get_or_create_pod(self, pod_request_obj: k8s.V1Pod, context: Any) -> k8s.V1Pod:
@@ -197,7 +211,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
     )
     volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=k.scratch_size))]
     mounts = [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")]
-    env = container_environment(stage.image)
+    env = container_environment(stage.image, settings.stage_resources(stage.name))
     if stage.uses_gpu:  # NCCL (one training process per GPU) needs more shared memory than the 64 MiB default
         shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=f"{k.shm_gib_per_gpu * stage.gpu}Gi")
         volumes.append(k8s.V1Volume(name="dshm", empty_dir=shm))
@@ -220,6 +234,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
         ),
         "node_pool": k.node_pools[pool_name],
         "fallback_node_pool": k.node_pools["gpu-on-demand"] if pool_name == "gpu-spot" else None,
+        "fallback_resources": settings.stage_resources(stage.name, "on-demand") if pool_name == "gpu-spot" else None,
         "stage_priority_class": stage.priority_class,
         "name": f"genai-{stage.name.replace('_', '-')}",
         "namespace": k.namespace,

@@ -196,6 +196,30 @@ class NotificationSettings(Section):
     slack: SlackSettings | None = Field(None, description="`conn_id`, `channel` (SlackNotifier)")
 
 
+class PoolPrice(Section):
+    on_demand: float | None = Field(None, ge=0, description="price per unit-hour on demand")
+    spot: float | None = Field(None, ge=0, description="price per unit-hour on spot capacity")
+
+
+class CostSettings(Section):
+    """What runs cost: every stage attempt's wall time times its node pool's price (``stages.core.costs``)."""
+
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] = Field(
+        "USD", description="ISO 4217 code of the prices"
+    )
+    # A GPU pod's CPUs and memory come with its GPUs (the node's price over its GPUs); a CPU pod is billed
+    # for the vCPUs it requests (the machine type's price over its vCPUs, memory included).
+    prices: dict[NodePoolName, PoolPrice] = Field(
+        default_factory=dict,
+        description="per pool, the price per hour of one billed unit (a GPU on the GPU pools, a requested vCPU "
+        "on `cpu`) on demand and on spot capacity; none: runs are timed, not priced",
+    )
+    train_tokens_per_second: dict[NodePoolName, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="train_lora's throughput on each pool (tokens/s of its whole pod), for the plan's estimate",
+    )
+
+
 class ResolvedStage(BaseModel):
     """A stage spec with the platform's per-stage overrides applied: what a runtime needs to run it."""
 
@@ -259,6 +283,7 @@ class PipelineSettings(BaseModel):
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     docker: DockerSettings = Field(default_factory=DockerSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    costs: CostSettings = Field(default_factory=CostSettings)
 
     _source: str = PrivateAttr("embedded default")
 
@@ -295,6 +320,35 @@ class PipelineSettings(BaseModel):
             image=self.image_for(name),
             priority_class=o.priority_class or "",
         )
+
+    def stage_resources(self, name: str, capacity: str = "") -> dict[str, Any]:
+        """What an attempt of the stage runs with and is priced at: ``STAGE_RESOURCES`` (``stages.core.costs``).
+
+        ``capacity="on-demand"`` is a GPU stage's last try, on ``gpu-on-demand``. The local and docker
+        runtimes have no node pools: their attempts are priced as the stage's pool on a cluster would be.
+        """
+        stage = self.stage(name)
+        pool = "gpu-on-demand" if stage.uses_gpu and capacity == "on-demand" else stage.node_pool
+        capacity = "spot" if pool == "gpu-spot" else "on-demand"
+        price = self.costs.prices.get(pool)
+        return {
+            "runtime": self.runtime,
+            "node_pool": pool,
+            "capacity": capacity,
+            "cpu": stage.cpu,
+            "memory": stage.memory,
+            "gpu": stage.gpu,
+            "unit": "gpu" if stage.uses_gpu else "vcpu",
+            "units": stage.gpu if stage.uses_gpu else cpu_cores(stage.cpu),
+            "unit_price_per_hour": (price.spot if capacity == "spot" else price.on_demand) if price else None,
+            "on_demand_unit_price_per_hour": price.on_demand if price else None,
+            "currency": self.costs.currency if price else None,
+        }
+
+
+def cpu_cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity in cores: ``"4"`` -> 4.0, ``"500m"`` -> 0.5."""
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
 # The embedded default: everything on this machine, nothing to configure. Kept as YAML so that it is
@@ -359,7 +413,7 @@ def parse(data: Any, source: str) -> PipelineSettings:
     settings.base_models = {
         name: uri.replace("{artifact_root}", settings.artifact_root) for name, uri in settings.base_models.items()
     }
-    problem = _runtime_problem(settings)
+    problem = _runtime_problem(settings) or _price_problem(settings)
     if problem:
         raise ConfigError(f"pipeline config {source}: {problem}")
     return settings
@@ -399,6 +453,29 @@ def _runtime_problem(s: PipelineSettings) -> str | None:
             f"artifact_root={s.artifact_root!r}: the docker runtime mounts a local artifact root into each "
             "container; use a path (or file://)"
         )
+    return None
+
+
+def _price_problem(s: PipelineSettings) -> str | None:
+    """A price table that leaves out a price some attempt would need; None without a table (time only)."""
+    prices = s.costs.prices
+    if not prices:
+        return None
+    gpu = any(s.stage(name).uses_gpu for name in STAGES)
+    cpu = any(not s.stage(name).uses_gpu for name in STAGES)
+    needed = [("cpu", "on_demand", "CPU stages run on the cpu pool")] if cpu else []
+    if gpu:
+        needed += [
+            ("gpu-spot", "spot", "GPU stages run on spot capacity of gpu-spot"),
+            ("gpu-spot", "on_demand", "spot attempts are compared with the same hours on demand"),
+            ("gpu-on-demand", "on_demand", "a GPU stage's last try runs on gpu-on-demand"),
+        ]
+    for pool, kind, why in needed:
+        if getattr(prices.get(pool) or PoolPrice(), kind) is None:
+            return (
+                f"costs.prices.{pool}.{kind} is missing: {why}; give its price per "
+                f"{'vCPU' if pool == 'cpu' else 'GPU'}-hour (or remove costs.prices to time runs without pricing them)"
+            )
     return None
 
 
@@ -469,7 +546,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
             rows += _rows(nested, f"{key}.")
             continue
         if getattr(field.annotation, "__origin__", None) is dict and _is_model(args[-1]):
-            key = f"{key}.<{'pool' if args[-1] is NodePool else 'stage'}>"
+            key = f"{key}.<{'pool' if args[0] is NodePoolName else 'stage'}>"
             description = field.description or ""
             fields = ", ".join(f"`{n}`" for n in args[-1].model_fields)
             rows.append(f"| `{key}` | - | {description} ({fields}) |")

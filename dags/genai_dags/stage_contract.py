@@ -69,9 +69,19 @@ def finish(log: logging.Logger, context: Any, outlets: list[Any], result: dict[s
     return result
 
 
-def container_environment(image: str) -> dict[str, str]:
+# What an attempt runs with and is priced at (node pool, capacity, requests, prices): the stage records it
+# with its wall time (stages.core.costs), since a stage process cannot know its node pool.
+RESOURCES_ENV = "STAGE_RESOURCES"
+
+
+def resources_environment(resources: Mapping[str, Any]) -> dict[str, str]:
+    return {RESOURCES_ENV: json.dumps(dict(resources), sort_keys=True)}
+
+
+def container_environment(image: str, resources: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The environment of a stage in a pod or a container: read-only root filesystem, scratch at ``/tmp``."""
     return {
+        **resources_environment(resources or {}),
         "STAGE_RESULT_PATH": RESULT_PATH_IN_CONTAINER,
         "STAGE_IMAGE": image,  # recorded in every manifest: the lineage of published models
         "HOME": "/tmp",

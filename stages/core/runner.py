@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.core import layout, manifest, store, uris
+from stages.core import costs, layout, manifest, store, uris
 from stages.core.config import check_bounds, check_run_id, config_to_dict, describe, help_field, load_config
 from stages.core.errors import InputNotFound, StoreError, UserError
 
@@ -86,6 +86,8 @@ class StageRun:
     cache_key: str
     # Working state (such as checkpoints) to delete once the manifest is committed.
     remove_after_commit: list[str] = dataclasses.field(default_factory=list)
+    # This attempt's record (stages.core.costs): its wall time so far, the resources it runs with.
+    attempt: costs.Attempt | None = None
 
     def output(self, *parts: str) -> str:
         return uris.join(self.out_uri, *parts)
@@ -176,8 +178,28 @@ def _alive(pid: int) -> bool:
 
 
 def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
-    started = time.time()
     config = load_config(config_cls, config_uri, overrides)
+    out_uri = config.output_uri(name)
+    # Every attempt past its config costs its time, whatever its end: the record says how it ended.
+    attempt = costs.Attempt(config.run_uri(), name, out_uri, costs.resources_from_env()).start()
+    try:
+        cache_hit = _attempt(name, config_cls, inputs_fn, work, config, attempt)
+    except Preempted:
+        attempt.finish(costs.PREEMPTED, EXIT_PREEMPTED)
+        raise
+    except UserError:
+        attempt.finish("refused", EXIT_USER_ERROR)
+        raise
+    except BaseException:
+        attempt.finish("failed", EXIT_FAILED)
+        raise
+    attempt.finish("cache_hit" if cache_hit else "done", 0)
+    return 0
+
+
+def _attempt(name, config_cls, inputs_fn, work, config, attempt: costs.Attempt) -> bool:
+    """Cache check, work, commit and result line; True for a cache hit."""
+    started = attempt.started_at
     resolved = config_to_dict(config)
     log.info("config: %s", json.dumps(resolved, sort_keys=True))
     out_uri = config.output_uri(name)
@@ -201,8 +223,8 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
     existing = manifest.read(out_uri)
     if existing is not None:
         if _up_to_date(existing, key, keyed, input_hashes, config_cls.IMMUTABLE_OUTPUT, out_uri):
-            _report(name, out_uri, existing, cache_hit=True)
-            return 0
+            _report(name, out_uri, existing, cache_hit=True, attempt=attempt)
+            return True
         # The same settings over changed inputs or code: the committed output is stale. Uncommit it
         # (manifest first: a cut-short removal leaves only uncommitted files, cleared just below).
         store.remove(uris.join(out_uri, manifest.MANIFEST))
@@ -210,7 +232,7 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
     _check_writable(out_uri)
     _clear_uncommitted(out_uri)
     with _scratch(name, out_uri) as scratch:
-        run = StageRun(name=name, out_uri=out_uri, scratch=scratch, inputs=input_hashes, cache_key=key)
+        run = StageRun(name=name, out_uri=out_uri, scratch=scratch, inputs=input_hashes, cache_key=key, attempt=attempt)
         try:
             metrics = work(config, run)
         except (Preempted, KeyboardInterrupt):
@@ -230,14 +252,16 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
             "inputs": input_hashes,
             "code": code,
             "metrics": metrics,
-            "timings": {"started_at": started, "seconds": round(time.time() - started, 3)},
+            "timings": {"started_at": started, "seconds": round(time.time() - started, 3), "attempt": attempt.id},
+            # What this attempt ran with (node pool, capacity, CPU, memory, GPUs, prices), as the runtime said.
+            "resources": attempt.record["resources"],
         },
     )
     log.info("committed %s in %.1fs", uris.join(out_uri, manifest.MANIFEST), time.time() - started)
     for uri in run.remove_after_commit:
         store.remove(uri)
-    _report(name, out_uri, committed, cache_hit=False)
-    return 0
+    _report(name, out_uri, committed, cache_hit=False, attempt=attempt)
+    return False
 
 
 def _up_to_date(
@@ -305,7 +329,7 @@ def _clear_uncommitted(out_uri: str) -> None:
                 folder.rmdir()
 
 
-def _report(name: str, out_uri: str, committed: dict[str, Any], cache_hit: bool) -> None:
+def _report(name: str, out_uri: str, committed: dict[str, Any], cache_hit: bool, attempt: costs.Attempt) -> None:
     """The small result that goes to the orchestrator (XCom): paths and metrics, never data."""
     result = {
         "stage": name,
@@ -313,6 +337,7 @@ def _report(name: str, out_uri: str, committed: dict[str, Any], cache_hit: bool)
         "output_uri": out_uri,
         "manifest_uri": uris.join(out_uri, manifest.MANIFEST),
         "metrics": committed.get("metrics", {}),
+        "attempt": {"id": attempt.id, "seconds": attempt.seconds},
     }
     text = json.dumps(result, sort_keys=True)
     print(text, flush=True)
