@@ -46,12 +46,13 @@ class LocalStageOperator(BaseOperator):
         python: str = "",
         workdir: str = ".",
         kill_grace_seconds: int = 30,
-        resources: dict[str, Any] | None = None,
+        stage_resources: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stage = stage
-        self.resources = resources or {}
+        # Not ``resources``: BaseOperator's own argument of that name means something else.
+        self.stage_resources = stage_resources or {}
         self.arguments = arguments
         self.python = python
         self.workdir = workdir
@@ -71,7 +72,7 @@ class LocalStageOperator(BaseOperator):
             result_path = Path(tmp) / "result.json"
             env = {
                 **local_environment(os.environ),
-                **resources_environment(self.resources),
+                **resources_environment(self.stage_resources),
                 "STAGE_RESULT_PATH": str(result_path),
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [self.workdir, os.environ.get("PYTHONPATH")])),
@@ -145,5 +146,5 @@ def local_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, 
         "python": settings.local.python,
         "workdir": str(settings.local.workdir),
         "kill_grace_seconds": settings.local.kill_grace_seconds,
-        "resources": settings.stage_resources(stage.name),
+        "stage_resources": settings.stage_resources(stage.name),
     }
