@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from genai_dags import local_airflow
+from genai_dags import local_airflow, registry
 from tests.test_notifications import smtp_server  # noqa: F401 - the SMTP server fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,9 @@ def config(tmp_path_factory, tiny_base_model) -> Path:
         f"runtime: local\nartifact_root: {root}\nretries: 0\nbase_models: {{tiny: '{tiny_base_model}'}}\n"
         "notifications:\n  on_failure: true\n  on_success: true\n"
         "  smtp: {conn_id: genai_smtp, to: [ml@example.com], from_email: airflow@example.com}\n"
+        # Priced as the cluster's pools would be: the cost arithmetic end to end (tests/test_costs.py: the rest).
+        "costs:\n  currency: EUR\n  prices:\n    cpu: {on_demand: 0.05}\n"
+        "    gpu-spot: {on_demand: 0.9, spot: 0.3}\n    gpu-on-demand: {on_demand: 1.0}\n"
     )
     return path
 
@@ -98,8 +101,21 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
     assert lineage["quality_gate"]["reason"]
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["outputs"]["lineage.json"]
+    # What the run cost: each stage's attempt at its pool's price, published beside the model.
+    cost = json.loads((model_dir / "cost.json").read_text())
+    assert set(STAGE_TASKS) <= set(cost["stages"]) and cost["currency"] == "EUR"
+    assert all(s["attempts"] == 1 and s["cost"] is not None for s in cost["stages"].values())
+    assert cost["stages"]["train_lora"]["seconds"] > 0 and cost["total"]["cost"] > 0
+    assert cost["stages"]["train_lora"]["pools"] == ["gpu-spot (spot)"]
+    assert cost["total"]["cost"] < cost["total"]["on_demand_cost"]  # spot against the same hours on demand
+    assert published["cost"]["total"] == cost["total"]["cost"]
     predictions = Path(results["batch_infer"]["output_uri"].removeprefix("file://")) / "predictions.jsonl"
     assert len(predictions.read_text().splitlines()) == 5
+    # The model's first version to pass its gate becomes its champion.
+    decision = local_airflow.xcom(first, "promote")
+    assert decision["decision"] == "promoted" and "first version of folio-tiny" in decision["reason"]
+    root = str(model_dir.parents[2])
+    assert registry.read_alias(root, "folio-tiny", "champion").version == run_id
 
     # The asset event says which model and version were published (for data-aware DAGs).
     from airflow.models.asset import AssetEvent, AssetModel
@@ -124,13 +140,20 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
     assert local_airflow.xcom(second, "plan", key="run_id") == run_id
     assert all(r["cache_hit"] for r in stage_results(second).values()), stage_results(second)
     assert sorted((p, p.stat().st_mtime_ns) for p in model_dir.rglob("*")) == before  # nothing rewritten
+    assert local_airflow.xcom(second, "promote")["decision"] == "already"  # not compared with itself either
+    # The cache hits cost their (short) time too: the run's record has them, the published cost does not.
+    from stages.core import costs
 
-    # 3. Batch inference with the published model: 5 prompts, 2 per shard -> 3 mapped tasks, merged in order.
+    artifact_root = str(model_dir.parents[2])
+    assert costs.run_cost(artifact_root, run_id)["total"]["attempts"] == 2 * len(cost["stages"])
+    report = costs.report(artifact_root)
+    assert any(line.split()[:2] == ["folio-tiny", run_id] for line in report.splitlines()), report
+
+    # 3. Batch inference with the champion: 5 prompts, 2 per shard -> 3 mapped tasks, merged in order.
     batch = local_airflow.run_dag(
         "genai_batch_inference",
         {
-            "model_name": "folio-tiny",
-            "version": run_id,
+            "model_name": "folio-tiny@champion",
             "prompts_uri": str(prompts),
             "records_per_shard": 2,
             "max_shards": 4,
@@ -141,6 +164,7 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
     states = local_airflow.task_states(batch)
     assert str(batch.state) == "success", states
     assert sorted(t for t in states if t.startswith("batch_infer")) == [f"batch_infer[{i}]" for i in range(3)]
+    assert f"adapter_uri={model_dir.as_uri()}" in local_airflow.xcom(batch, "plan")[0]  # the alias's version
     merged = local_airflow.xcom(batch, "merge_predictions")
     assert merged["metrics"]["records"] == 5 and merged["metrics"]["shards"] == 3
     lines = (Path(merged["output_uri"].removeprefix("file://")) / "predictions.jsonl").read_text().splitlines()
