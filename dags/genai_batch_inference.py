@@ -24,7 +24,7 @@ import logging
 from airflow.sdk import XComArg, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from genai_dags import params, planner
+from genai_dags import params, planner, registry
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.operators import mapped_stage_task, stage_task
 from genai_dags.settings import load_settings
@@ -43,12 +43,14 @@ def genai_batch_inference() -> None:
         conf = dict(context["params"])
         try:
             params.check_conf(dict(context["dag_run"].conf or {}), PARAMS)
-            lineage = planner.read_published(SETTINGS, conf["model_name"], conf["version"])
+            version = registry.resolve(SETTINGS.artifact_root, conf["model_name"], conf.get("version"))
+            conf.update(model_name=conf["model_name"].partition("@")[0], version=version)
+            lineage = planner.read_published(SETTINGS, conf["model_name"], version)
             prompts = planner.resolve_uri(conf["prompts_uri"], SETTINGS)
             records = planner.count_records(prompts)
             inputs = planner.input_fingerprint({"prompts_uri": prompts})
             result = planner.batch_plan(conf, SETTINGS, inputs, lineage, records)
-        except (params.ConfError, planner.PlanError) as exc:
+        except (params.ConfError, planner.PlanError, registry.RegistryError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info(
             "%d prompts -> %d shard(s) of up to %d; stage run id %s",

@@ -3,18 +3,22 @@
 
 LoRA fine-tuning of a base model on your text, gated by evaluation, then batch inference and publication:
 
-    plan -> tokenize -> train_lora -> evaluate -> quality_gate -> batch_infer -> publish
+    plan -> tokenize -> train_lora -> evaluate -> quality_gate -> batch_infer -> publish -> promote
 
 - **plan** checks the whole run conf (unknown keys included) and fixes the stage run id: the conf's
   `run_id`, or a hash of the conf and a listing of its input files, so triggering the same conf again
   reuses every stage's committed output (cache hits); after a code change only the stages whose code or
   inputs changed recompute. It also estimates train_lora's peak memory per GPU from the base model's
   `config.json` and fails, with the numbers and the settings that would fit, when the GPU pools'
-  `gpu_memory_gib` is too small, before any GPU node scales up (`genai_dags/memory_plan.py`).
+  `gpu_memory_gib` is too small, before any GPU node scales up (`genai_dags/memory_plan.py`). When the
+  model has a champion (the `champion` alias) on the same base model, evaluate scores it too.
 - **quality_gate** reads evaluate's `metrics.quality_gate` and stops the run before inference and
   publication when it failed; the reason is in its log and in the failure notification.
 - **publish** copies the adapter, the evaluation and a `lineage.json` to
   `<artifact_root>/models/<model_name>/<version>/` and updates the `genai_models` asset.
+- **promote** moves the `champion` alias to the new version when it beat the champion on the same
+  held-out data (a model's first version: when it passed its gate); otherwise the version stays
+  published, marked rejected, with the comparison in its evaluation (`genai_dags/registry.py`).
 
 Each stage is `python -m stages.<name> key=value ...` on the configured runtime (a local subprocess,
 a Kubernetes pod on the stage's node pool, or a local container); the platform config is described in
@@ -34,7 +38,7 @@ from typing import Any
 from airflow.sdk import Asset, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from genai_dags import params, planner
+from genai_dags import params, planner, registry
 from genai_dags.cost_estimate import train_estimate
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.operators import stage_task
@@ -58,11 +62,14 @@ def genai_finetune() -> None:
             conf = dict(context["params"])
             memory, memory_note = planner.train_memory_plan(conf, SETTINGS)
             inputs = planner.input_fingerprint(planner.finetune_inputs(conf, SETTINGS))
-            result = planner.finetune_plan(conf, SETTINGS, inputs, memory)
-        except (params.ConfError, planner.PlanError) as exc:
+            _, version = planner.finetune_version(conf, inputs)
+            champion, champion_note = planner.champion_to_compare(conf, SETTINGS, version)
+            result = planner.finetune_plan(conf, SETTINGS, inputs, memory, champion)
+        except (params.ConfError, planner.PlanError, registry.RegistryError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info("%s", memory_note)
         log.info("%s", train_estimate(conf, SETTINGS))
+        log.info("%s", champion_note)
         log.info(
             "stage run id %s: artifacts under %s/runs/%s/", result["run_id"], SETTINGS.artifact_root, result["run_id"]
         )
@@ -78,18 +85,28 @@ def genai_finetune() -> None:
         log.info("quality gate passed: %s", reason)
         return reason
 
+    @task(**last_task_kwargs(SETTINGS))
+    def promote(steps: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+        """Move the model's champion alias to the new version when it beat the champion (or, first, the base)."""
+        name, version = steps["model_name"], steps["version"]
+        metrics = evaluation["metrics"]
+        try:
+            decision = registry.promotion_decision(SETTINGS.artifact_root, name, version, metrics, steps["run_id"])
+        except registry.AliasMoved as exc:  # another run promoted meanwhile: this one decides again on retry
+            raise AirflowFailException(str(exc)) from None
+        log.info("%s %s: %s (%s)", name, version, decision["decision"], decision.get("reason", ""))
+        return decision
+
     steps = plan()
     tokenize = stage_task("tokenize", SETTINGS, arguments=steps["tokenize"])
     train = stage_task("train_lora", SETTINGS, arguments=steps["train_lora"])
     evaluate = stage_task("evaluate", SETTINGS, arguments=steps["evaluate"])
     gate = quality_gate(evaluate.output)
     infer = stage_task("batch_infer", SETTINGS, arguments=steps["batch_infer"])
-    publish = stage_task(
-        "publish", SETTINGS, arguments=steps["publish"], outlets=[MODELS], **last_task_kwargs(SETTINGS)
-    )
+    publish = stage_task("publish", SETTINGS, arguments=steps["publish"], outlets=[MODELS])
 
     tokenize >> train >> evaluate
-    gate >> infer >> publish
+    gate >> infer >> publish >> promote(steps, evaluate.output)
 
 
 genai_finetune()

@@ -54,6 +54,7 @@ PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte", "to
 SFT_METRICS = ("assistant_perplexity", "exact_match", "chrf")
 LM_EVAL_DEFAULT_MAX_LENGTH = 2048  # lm-eval's HFLM context when neither model config nor tokenizer gives one
 SAMPLE_PROMPT_TOKENS = 32
+CHAMPION = "champion"
 
 
 @dataclass(kw_only=True)
@@ -78,6 +79,16 @@ class EvaluateConfig(StageConfig):
         "Gate passes when the improvement of gate_metric is at least this (negative allows a loss): "
         "(base - adapted) / base for a perplexity, adapted - base for exact_match and chrf.",
     )
+    champion_uri: str = help_field(
+        "",
+        "A published model to compare with on the same held-out data (the current champion; same base model); "
+        "empty: none.",
+    )
+    min_improvement_over_champion: float = help_field(
+        0.0,
+        "The adapter beats the champion when the improvement of gate_metric over it is more than this "
+        "(0: strictly better), measured as the gate measures it against the base.",
+    )
     num_samples: int = help_field(
         4, "Held-out prompts to complete with both models for samples.jsonl.", bounds=(0, 1000)
     )
@@ -98,6 +109,12 @@ class EvaluateConfig(StageConfig):
         self.base_model = models.check_base_model(self.base_model)
         self.resolve_input("adapter_uri", layout.TRAIN_LORA)
         self.resolve_input("dataset_uri", layout.TOKENIZE)
+        if self.champion_uri:
+            self.champion_uri = uris.normalize_uri(self.champion_uri, "champion_uri")
+        check(
+            -1 <= self.min_improvement_over_champion < 1,
+            f"min_improvement_over_champion={self.min_improvement_over_champion} must be in [-1, 1)",
+        )
         check(self.max_eval_docs >= 0, f"max_eval_docs={self.max_eval_docs} must be >= 0 (0 means all)")
         check(
             self.max_length == 0 or self.max_length >= 2,
@@ -122,7 +139,8 @@ def check_lengths(config: EvaluateConfig, context: int) -> None:
 
 
 def inputs(config: EvaluateConfig) -> dict[str, str]:
-    return {"base_model": config.base_model, "adapter_uri": config.adapter_uri, "dataset_uri": config.dataset_uri}
+    found = {"base_model": config.base_model, "adapter_uri": config.adapter_uri, "dataset_uri": config.dataset_uri}
+    return {**found, "champion_uri": config.champion_uri} if config.champion_uri else found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,16 +274,51 @@ def resolve_gate_metric(config: EvaluateConfig, sft: bool) -> str:
     return config.gate_metric
 
 
-def quality_gate(improvement: dict[str, float], metric: str, threshold: float) -> dict[str, Any]:
+def quality_gate(improvement: dict[str, float], metric: str, threshold: float, strict: bool = False) -> dict[str, Any]:
+    """Whether the improvement of ``metric`` reaches ``threshold`` (passes ``threshold`` with ``strict``)."""
     value = improvement[metric]
-    passed = value >= threshold
+    passed = value > threshold if strict else value >= threshold
     unit = " points" if metric in ("exact_match", "chrf") else ""  # a gain of a fraction, not a relative change
     if value >= 0:
         change = f"{metric} improved {value:.1%}{unit}"
     else:
         change = f"{metric} got worse by {-value:.1%}{unit}"
-    reason = f"{change} ({'>=' if passed else '<'} {threshold:.1%}{unit} required)"
+    needed = (">" if passed else "<=") if strict else (">=" if passed else "<")
+    reason = f"{change} ({needed} {threshold:.1%}{unit} required)"
     return {"passed": passed, "reason": reason, "metric": metric, "threshold": threshold, "value": value}
+
+
+def champion_comparison(
+    config: EvaluateConfig, champion: dict[str, float], improvement: dict[str, float], metric: str
+) -> dict[str, Any]:
+    """The adapter against the champion: the champion's scores and whether the adapter beat it."""
+    gate = quality_gate(improvement, metric, config.min_improvement_over_champion, strict=True)
+    return {**gate, "reason": "over the champion, " + gate["reason"], "uri": config.champion_uri,
+            "scores": champion, "improvement": improvement}  # fmt: skip
+
+
+def sft_improvement(reference: dict[str, float], adapted: dict[str, float]) -> dict[str, float]:
+    """The relative decrease of the perplexity, the gain of exact match and chrF, from ``reference``."""
+    return {
+        "assistant_perplexity": (reference["assistant_perplexity"] - adapted["assistant_perplexity"])
+        / reference["assistant_perplexity"],
+        "exact_match": adapted["exact_match"] - reference["exact_match"],
+        "chrf": adapted["chrf"] - reference["chrf"],
+    }
+
+
+@contextlib.contextmanager
+def scoring(model, name: str):
+    """The PEFT model as ``name``: ``adapted`` (the new adapter), ``base`` (no adapter), ``champion``."""
+    if name == "base":
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(CHAMPION if name == CHAMPION else "default")
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +458,7 @@ def render_report(metrics: dict[str, Any], samples: list[dict], config: Evaluate
         f"## Quality gate: {'PASSED' if gate['passed'] else 'FAILED'}",
         "",
         gate["reason"] + ".",
+        *champion_section(metrics),
         "",
         "## Perplexity",
         "",
@@ -443,6 +497,17 @@ def render_report(metrics: dict[str, Any], samples: list[dict], config: Evaluate
     return "\n".join(lines).rstrip() + "\n"
 
 
+def champion_section(metrics: dict[str, Any]) -> list[str]:
+    """The comparison with the champion, when there was one."""
+    comparison = metrics.get(CHAMPION)
+    if not comparison:
+        return []
+    verdict = "beats the champion" if comparison["passed"] else "does not beat the champion"
+    metric = comparison["metric"]
+    return ["", f"## Against the champion: {verdict}", "", f"Champion `{comparison['uri']}`: {metric} "
+            f"{comparison['scores'][metric]:.4f}; {comparison['reason']}."]  # fmt: skip
+
+
 def _quote(text: str) -> str:
     return "`" + " ".join(text.split()).replace("`", "'") + "`" if text.strip() else "*(empty)*"
 
@@ -473,7 +538,12 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
             max_length = config.max_length or context
             check_lengths(config, context)  # before any weights are allocated
             base = models.load_model(base_path, dtype, device)
-        model = PeftModel.from_pretrained(base, str(adapter)).to(device)
+        model = PeftModel.from_pretrained(base, str(adapter))
+    if config.champion_uri:  # a second adapter on the same base: scored in turn, never merged
+        base_sha256 = run.inputs["base_model"]["sha256"]
+        with models.adapter_dir(config.champion_uri, base_sha256, config.base_model, "champion_uri") as champion:
+            model.load_adapter(str(champion), adapter_name=CHAMPION)
+    model = model.to(device)
     model.eval()
     if sft:
         template = saved_template or chat.resolve_template(tokenizer, "", config.base_model)
@@ -496,13 +566,14 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
     )  # fmt: skip
 
     started = time.perf_counter()
-    adapted_ll = document_loglikelihoods(model, token_lists, prefix_token, max_length, config.batch_size, device)
-    with model.disable_adapter():
-        base_ll = document_loglikelihoods(model, token_lists, prefix_token, max_length, config.batch_size, device)
+    scores = {}
+    for name in ("adapted", "base", CHAMPION) if config.champion_uri else ("adapted", "base"):
+        with scoring(model, name):
+            ll = document_loglikelihoods(model, token_lists, prefix_token, max_length, config.batch_size, device)
+        scores[name] = perplexities(sum(ll), words, n_bytes, tokens)
     seconds = time.perf_counter() - started
 
-    base_scores = perplexities(sum(base_ll), words, n_bytes, tokens)
-    adapted_scores = perplexities(sum(adapted_ll), words, n_bytes, tokens)
+    base_scores, adapted_scores = scores["base"], scores["adapted"]
     improvement = relative_improvements(base_scores, adapted_scores)
     gate = quality_gate(improvement, gate_metric, config.min_relative_improvement)
     metrics = {
@@ -518,10 +589,13 @@ def evaluate(config: EvaluateConfig, run: StageRun) -> dict[str, Any]:
         "max_length": max_length,
         "windows": n_windows,
         "eval_seconds": round(seconds, 3),
-        "tokens_per_second": round(2 * tokens / max(seconds, 1e-9), 1),  # both models score every token
+        "tokens_per_second": round(len(scores) * tokens / max(seconds, 1e-9), 1),  # each model scores every token
         "device": str(device),
         "precision": str(dtype).removeprefix("torch."),
     }
+    if config.champion_uri:
+        vs_champion = relative_improvements(scores[CHAMPION], adapted_scores)
+        metrics[CHAMPION] = champion_comparison(config, scores[CHAMPION], vs_champion, gate_metric)
     sanity_check(metrics)
 
     samples = generate_samples(model, tokenizer, docs, config, device)
@@ -614,8 +688,8 @@ def evaluate_sft(
     stops = renderer.stop_ids()
     started = time.perf_counter()
     scores = {}
-    for name in ("adapted", "base"):
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+    for name in ("adapted", "base", CHAMPION) if config.champion_uri else ("adapted", "base"):
+        with scoring(model, name):
             loglikelihood = assistant_loglikelihood(model, examples, config.batch_size, device)
             generated, _ = generate_completions(
                 model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=config.sample_max_new_tokens,
@@ -630,12 +704,7 @@ def evaluate_sft(
         scores[name + "_texts"] = texts
     seconds = time.perf_counter() - started
     base, adapted = scores["base"], scores["adapted"]
-    improvement = {
-        "assistant_perplexity": (base["assistant_perplexity"] - adapted["assistant_perplexity"])
-        / base["assistant_perplexity"],
-        "exact_match": adapted["exact_match"] - base["exact_match"],
-        "chrf": adapted["chrf"] - base["chrf"],
-    }
+    improvement = sft_improvement(base, adapted)
     gate = quality_gate(improvement, gate_metric, config.min_relative_improvement)
     metrics = {
         "task": "sft",
@@ -648,6 +717,9 @@ def evaluate_sft(
         "eval_seconds": round(seconds, 3),
         "device": str(device),
     }
+    if config.champion_uri:
+        champion = scores[CHAMPION]
+        metrics[CHAMPION] = champion_comparison(config, champion, sft_improvement(champion, adapted), gate_metric)
     for model_name in ("base", "adapted"):
         value = metrics[model_name]["assistant_perplexity"]
         if not math.isfinite(value) or value < 1:
@@ -687,6 +759,7 @@ def render_sft_report(metrics: dict[str, Any], samples: list[dict], config: Eval
         f"## Quality gate: {'PASSED' if gate['passed'] else 'FAILED'}",
         "",
         gate["reason"] + ".",
+        *champion_section(metrics),
         "",
         "| metric | base | adapted | improvement |",
         "|---|---:|---:|---:|",

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = sorted(ROOT.glob("values/*/pipeline.yaml"))
 CONFIG_IDS = [p.parent.name for p in CONFIGS]
-DAG_IDS = {"genai_finetune", "genai_batch_inference"}
+DAG_IDS = {"genai_finetune", "genai_batch_inference", "genai_promote"}
 EXAMPLES = sorted(ROOT.glob("examples/*.json"))
 EXAMPLE_DAG = {"finetune": "genai_finetune", "batch": "genai_batch_inference"}
 
@@ -119,15 +119,17 @@ class TestPolicy:
             assert backoff > 1, task.task_id
             assert timeout == STAGES[stage].timeout or stage == "train_lora", task.task_id
 
-    def test_the_plan_task_runs_first(self, local_dags, dag_id):
-        dag = local_dags[dag_id]
-        assert not dag.get_task("plan").upstream_task_ids
-        assert {t.task_id for t in dag.tasks if not t.upstream_task_ids} == {"plan"}
+
+@pytest.mark.parametrize("dag_id", ["genai_finetune", "genai_batch_inference"])  # genai_promote: one task
+def test_the_plan_task_runs_first(local_dags, dag_id):
+    dag = local_dags[dag_id]
+    assert not dag.get_task("plan").upstream_task_ids
+    assert {t.task_id for t in dag.tasks if not t.upstream_task_ids} == {"plan"}
 
 
 def test_finetune_runs_the_stages_in_order(local_dags):
     dag = local_dags["genai_finetune"]
-    order = ["plan", "tokenize", "train_lora", "evaluate", "quality_gate", "batch_infer", "publish"]
+    order = ["plan", "tokenize", "train_lora", "evaluate", "quality_gate", "batch_infer", "publish", "promote"]
     for upstream, downstream in itertools.pairwise(order):
         assert upstream in dag.get_task(downstream).upstream_task_ids, (upstream, downstream)
     assert [o.name for o in dag.get_task("publish").outlets] == ["genai_models"]
@@ -495,7 +497,7 @@ def test_a_bad_config_is_an_import_error_of_the_dags_not_a_silent_default(tmp_pa
     path.write_text("runtime: kubernetes\nartifact_root: /data\n")
     with pipeline_config(path):
         bag = BundleDagBag(dag_folder=str(ROOT / "dags"), bundle_path=str(ROOT / "dags"), bundle_name="t")
-    assert set(bag.import_errors) == {"genai_finetune.py", "genai_batch_inference.py"}
+    assert set(bag.import_errors) == {"genai_finetune.py", "genai_batch_inference.py", "genai_promote.py"}
     assert all("needs shared object storage" in e for e in bag.import_errors.values())
 
 

@@ -61,8 +61,8 @@ def test_the_arguments_every_task_passes_are_accepted_by_its_stage(config):
         "genai_batch_inference": json.loads((ROOT / "examples/batch-inference.json").read_text()),
     }
     checked = set()
-    for dag_id, dag in dags.items():
-        for name, op in render_pods.stage_tasks(dag, cfg, confs[dag_id]):
+    for dag_id, conf in confs.items():  # genai_promote runs no stage
+        for name, op in render_pods.stage_tasks(dags[dag_id], cfg, conf):
             parsed = parse(op.stage, op.arguments)
             assert parsed.artifact_root == cfg.artifact_root, name
             checked.add(op.stage)

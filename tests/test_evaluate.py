@@ -379,3 +379,33 @@ def make_other_base_model(base_model: str, folder: Path) -> str:
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path)).save_pretrained(folder)
     models.load_tokenizer(base_path).save_pretrained(folder)
     return f"file://{folder}"
+
+
+@pytest.mark.integration
+def test_the_champion_is_scored_on_the_same_held_out_data_and_must_be_beaten(finetune_run):
+    """The adapter against itself as champion: the same scores, no improvement, so it does not beat it."""
+    proc = run_stage_cli(
+        "evaluate", *stage_args(finetune_run, "eval-champion", f"champion_uri={adapter_uri(finetune_run)}")
+    )
+    metrics = result_line(proc)["metrics"]
+    champion = metrics["champion"]
+    assert champion["scores"]["word_perplexity"] == pytest.approx(metrics["adapted"]["word_perplexity"], rel=1e-6)
+    assert champion["improvement"]["word_perplexity"] == pytest.approx(0, abs=1e-6)
+    assert champion["passed"] is False and champion["uri"] == adapter_uri(finetune_run)
+    assert "over the champion, word_perplexity" in champion["reason"] and "<= 0.0% required" in champion["reason"]
+    assert metrics["quality_gate"]["passed"] is True  # against the base, as without a champion
+    report = (Path(finetune_run["artifact_root"]) / "runs/eval-champion/evaluate/report.md").read_text()
+    assert "## Against the champion: does not beat the champion" in report
+
+
+def test_a_champion_trained_on_another_base_model_is_refused(finetune_run, tmp_path):
+    import shutil
+
+    champion = tmp_path / "champion"
+    shutil.copytree(Path(adapter_uri(finetune_run).removeprefix("file://")) / "adapter", champion)
+    (champion / "training_base.json").write_text(json.dumps({"base_model": "other", "sha256": "0" * 64}))
+    proc = run_stage_cli(
+        "evaluate", *stage_args(finetune_run, "eval-foreign-champion", f"champion_uri={champion}"), check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"champion_uri='file://{champion}': adapter was trained on base model 'other'" in proc.stderr

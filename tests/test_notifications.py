@@ -120,7 +120,7 @@ def test_a_failed_task_mails_the_dag_the_run_the_task_and_its_log_url(smtp_serve
 
 def test_the_last_task_of_each_dag_reports_a_successful_run(smtp_server, config):
     dags = load_dags(config)
-    for dag_id, last in (("genai_finetune", "publish"), ("genai_batch_inference", "merge_predictions")):
+    for dag_id, last in (("genai_finetune", "promote"), ("genai_batch_inference", "merge_predictions")):
         dag = dags[dag_id]
         assert [t.task_id for t in dag.tasks if not t.downstream_task_ids] == [last]
         (notifier,) = dag.get_task(last).on_success_callback

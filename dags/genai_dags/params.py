@@ -28,6 +28,8 @@ from genai_dags.stage_specs import STAGES
 END = r"$(?!\n)"
 # Names that become path segments under the artifact root: no '/', no '..', no leading dot.
 NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9_-]|\.(?!\.)){0,62}" + END
+# A published model by name, or by one of its aliases: <name>@<alias> (genai_dags.registry.ALIAS_PATTERN).
+MODEL_REFERENCE_PATTERN = NAME_PATTERN.removesuffix(END) + r"(?:@[a-z][a-z0-9-]{0,62})?" + END
 RUN_ID_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_-]|\.(?!\.)){0,127}" + END
 SEED = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 
@@ -183,8 +185,12 @@ def finetune_params(settings: PipelineSettings) -> dict[str, Param]:
 
 def batch_inference_params(settings: PipelineSettings) -> dict[str, Param]:
     return {
-        "model_name": _name("A model published by genai_finetune"),
-        "version": _name("Its published version"),
+        "model_name": Param(
+            description="A model published by genai_finetune, or <name>@<alias> (e.g. folio-lora@champion) for the "
+            "version the alias points at.",
+            schema={"type": "string", "pattern": MODEL_REFERENCE_PATTERN},
+        ),
+        "version": _name("Its published version (none with <name>@<alias>)", optional=True),
         "prompts_uri": _uri_param(settings, "JSONL of prompts with id and prompt"),
         "run_id": _run_id(),
         "records_per_shard": Param(
@@ -198,6 +204,22 @@ def batch_inference_params(settings: PipelineSettings) -> dict[str, Param]:
             schema={"type": "integer", "minimum": 1, "maximum": settings.max_shards},
         ),
         **_group("batch_infer", "Batch inference settings."),
+    }
+
+
+def promote_params() -> dict[str, Param]:
+    return {
+        "model_name": _name("A model published by genai_finetune"),
+        "version": _name("The published version the alias moves to"),
+        "alias": Param(
+            "champion",
+            description="The alias to move (lower-case letters, digits, '-').",
+            schema={"type": "string", "pattern": r"^[a-z][a-z0-9-]{0,62}" + END},
+        ),
+        "reason": Param(
+            description="Why (recorded with the move): e.g. 'rollback: v7 regressed on support tickets'.",
+            schema={"type": "string", "minLength": 1, "maxLength": 500},
+        ),
     }
 
 

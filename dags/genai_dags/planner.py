@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from genai_dags import memory_plan
+from genai_dags import memory_plan, registry
 from genai_dags.params import TUNABLES
 from genai_dags.settings import PipelineSettings
 from genai_dags.stage_specs import STAGES
@@ -161,6 +161,7 @@ def finetune_plan(
     settings: PipelineSettings,
     inputs: dict[str, str],
     memory: memory_plan.MemoryPlan | None = None,
+    champion_uri: str | None = None,
 ) -> dict[str, Any]:
     """The stage run id, the published name/version, and every stage's arguments.
 
@@ -168,8 +169,7 @@ def finetune_plan(
     (:func:`input_fingerprint`). ``memory`` is :func:`train_memory_plan`'s plan: where it chose fsdp for
     ``strategy=auto``, train_lora gets ``strategy=fsdp``.
     """
-    run_id = params.get("run_id") or stable_run_id("ft", params, inputs)
-    version = params.get("version") or run_id
+    run_id, version = finetune_version(params, inputs)
     base_model = resolve_base_model(params["base_model"], settings)
     common = [f"artifact_root={settings.artifact_root}", f"run_id={run_id}"]
     train = tunable_args("train_lora", params)
@@ -186,7 +186,12 @@ def finetune_plan(
             *tunable_args("tokenize", params),
         ],
         "train_lora": [*common, f"base_model={base_model}", *train],
-        "evaluate": [*common, f"base_model={base_model}", *tunable_args("evaluate", params)],
+        "evaluate": [
+            *common,
+            f"base_model={base_model}",
+            *([f"champion_uri={champion_uri}"] if champion_uri else []),
+            *tunable_args("evaluate", params),
+        ],
         "batch_infer": [
             *common,
             f"base_model={base_model}",
@@ -195,6 +200,34 @@ def finetune_plan(
         ],
         "publish": [*common, f"model_name={params['model_name']}", f"version={version}"],
     }
+
+
+def finetune_version(params: dict[str, Any], inputs: dict[str, str]) -> tuple[str, str]:
+    """The stage run id and the version it publishes (the conf's, else the run id)."""
+    run_id = params.get("run_id") or stable_run_id("ft", params, inputs)
+    return run_id, params.get("version") or run_id
+
+
+def champion_to_compare(params: dict[str, Any], settings: PipelineSettings, version: str) -> tuple[str | None, str]:
+    """The published model the new adapter must beat to be promoted (the ``champion`` alias's version), and
+    the line to log. None when the model has no champion yet (its first version competes with the base
+    alone), when ``version`` is the champion (a rerun), or when the champion was trained on another base
+    model (not comparable: promotion by hand)."""
+    name = params["model_name"]
+    champion = registry.read_alias(settings.artifact_root, name, registry.CHAMPION)
+    if champion is None:
+        return None, f"{name} has no champion yet: a version that passes its gate becomes it"
+    if champion.version == version:
+        return None, f"{name}@champion is this run's version {version} already"
+    lineage = read_published(settings, name, champion.version)
+    base_model = resolve_base_model(params["base_model"], settings)
+    if lineage.get("base_model") != base_model:
+        return None, (
+            f"{name}@champion ({champion.version}) was trained on {lineage.get('base_model')}, not {base_model}: "
+            "not compared; promote by hand (genai_promote) if this version should replace it"
+        )
+    uri = registry.version_uri(settings.artifact_root, name, champion.version)
+    return uri, f"evaluate compares the new adapter with {name}@champion ({champion.version})"
 
 
 def shard_count(records: int, records_per_shard: int, max_shards: int) -> int:

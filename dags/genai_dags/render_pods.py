@@ -127,6 +127,8 @@ def render_all(config: str | os.PathLike, try_number: int = 1) -> dict[str, dict
     }
     pods = {}
     for dag_id, dag in sorted(load_dags(config).items()):
+        if dag_id not in confs:  # genai_promote: no stage tasks, no pods
+            continue
         for name, op in stage_tasks(dag, settings, confs[dag_id]):
             map_index = int(name.rsplit("[", 1)[1].rstrip("]")) if "[" in name else -1
             pods[f"{dag_id}.{name}"] = render_pod(op, dag, try_number=try_number, map_index=map_index)

@@ -170,7 +170,7 @@ def check_quantization(quantization: str, field: str = "quantization") -> None:
 
 
 @contextmanager
-def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator[Path]:
+def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str, field: str = "adapter_uri") -> Iterator[Path]:
     """The local PEFT adapter folder of a train_lora output, a published model or a bare adapter folder.
 
     An adapter trained on another base model is refused here, before any weights load.
@@ -180,21 +180,21 @@ def adapter_dir(adapter_uri: str, base_sha256: str, base_model: str) -> Iterator
         folder = inside if (inside / layout.ADAPTER_CONFIG).exists() else path
         if not (folder / layout.ADAPTER_CONFIG).exists():
             raise UserError(
-                f"adapter_uri={adapter_uri!r} holds no PEFT adapter (no adapter/adapter_config.json "
+                f"{field}={adapter_uri!r} holds no PEFT adapter (no adapter/adapter_config.json "
                 "or adapter_config.json); give a train_lora output or a published model"
             )
-        _check_adapter_matches(folder, base_sha256, base_model)
+        _check_adapter_matches(folder, base_sha256, base_model, f"{field}={adapter_uri!r}: ")
         yield folder
 
 
-def _check_adapter_matches(adapter_path: Path, base_sha256: str, base_model: str) -> None:
+def _check_adapter_matches(adapter_path: Path, base_sha256: str, base_model: str, which: str = "") -> None:
     info_file = adapter_path / layout.TRAINING_BASE
     if not info_file.exists():
         raise UserError(f"adapter at {adapter_path} has no training_base.json; was it made by train_lora?")
     trained_on = json.loads(info_file.read_text())
     if trained_on.get("sha256") != base_sha256:
         raise UserError(
-            f"adapter was trained on base model {trained_on.get('base_model')!r} "
+            f"{which}adapter was trained on base model {trained_on.get('base_model')!r} "
             f"(content {str(trained_on.get('sha256'))[:12]}), but base_model={base_model!r} "
             f"has content {base_sha256[:12]}: they do not match"
         )

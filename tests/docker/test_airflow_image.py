@@ -70,7 +70,7 @@ def test_the_airflow_image_parses_both_dags_for_a_cluster_without_stage_code(air
     assert done.returncode == 0, done.stderr[-3000:]
     parsed = json.loads(done.stdout.strip().splitlines()[-1])
     assert parsed["errors"] == {}
-    assert parsed["dags"] == ["genai_batch_inference", "genai_finetune"]
+    assert parsed["dags"] == ["genai_batch_inference", "genai_finetune", "genai_promote"]
     assert parsed["train_lora"] == "StagePodOperator"  # the kubernetes runtime, as configured
     assert parsed["modules"] == {"stages": False, "torch": False, "airflow.providers.docker": True}
     user = docker("image", "inspect", "--format", "{{.Config.User}}", airflow_image).stdout.strip()
