@@ -37,7 +37,7 @@ def run_in_child(conf_path: Path, result_path: Path) -> None:
     local_airflow.migrate()
     conf = json.loads(conf_path.read_text())
     run = local_airflow.run_dag("genai_finetune", conf, CONFIG)
-    tasks = ("plan", "tokenize", "train_lora", "evaluate", "quality_gate", "batch_infer", "publish")
+    tasks = ("plan", "tokenize", "train_lora", "evaluate", "quality_gate", "batch_infer", "publish", "promote")
     result = {
         "state": str(run.state),
         "run_id": run.run_id,
@@ -98,6 +98,13 @@ def summary(result: dict[str, Any], conf: dict[str, Any]) -> str:
     gate = evaluation.get("quality_gate") or {}
     if gate:
         lines.append(f"quality gate: {'PASSED' if gate.get('passed') else 'FAILED'} ({gate.get('reason')})")
+    champion = evaluation.get("champion") or {}
+    if champion:
+        lines.append(f"champion:     {champion['uri']}: {champion['reason']}")
+    decision = xcom.get("promote") or {}
+    if decision:
+        reason = f" ({decision['reason']})" if decision.get("reason") else ""
+        lines.append(f"promotion:    {decision['alias']} {decision['decision']}{reason}")
     published = (xcom.get("publish") or {}).get("metrics") or {}
     if published:
         lines.append(f"published:    {published['model_name']} version {published['version']}")
