@@ -23,6 +23,7 @@ fraction of the model) plus every rank's RNG state, so a run resumes on any numb
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -232,9 +233,9 @@ def train(config: TrainLoraConfig, run: StageRun) -> dict:
         metrics = train_rank(SINGLE, config, run)
     else:
         log.info("training in %d processes (%s)", world, "fsdp" if config.strategy == "fsdp" else "ddp")
-        metrics = distributed.launch(
-            train_rank, (config, run), world, name=layout.TRAIN_LORA, cuda=device.type == "cuda"
-        )
+        ranks_run = dataclasses.replace(run, attempt=None)  # the attempt's record stays with the stage process
+        cuda = device.type == "cuda"
+        metrics = distributed.launch(train_rank, (config, ranks_run), world, name=layout.TRAIN_LORA, cuda=cuda)
     run.remove_after_commit.append(run.output(layout.CHECKPOINTS))
     return metrics
 
