@@ -476,25 +476,22 @@ def render_report(metrics: dict[str, Any], samples: list[dict], config: Evaluate
         "",
         f"![training loss]({layout.LOSS_CURVE})",
         "",
-        "## Samples (greedy)",
-        "",
     ]
+    # Held-out text continues the prompt: it comes after the completions it is compared with.
+    lines += samples_section(samples, [("Adapted", "adapted"), ("Base", "base"), ("Held-out text", "reference")])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def samples_section(samples: list[dict], fields: list[tuple[str, str]]) -> list[str]:
+    """Each sample's prompt, then ``fields`` (label, key) in that order."""
+    lines = ["## Samples (greedy)", ""]
     if not samples:
         lines.append("No samples were generated.")
     for i, sample in enumerate(samples, 1):
-        lines += [
-            f"### Sample {i}",
-            "",
-            f"**Prompt:** {_quote(sample['prompt'])}",
-            "",
-            f"**Adapted:** {_quote(sample['adapted'])}",
-            "",
-            f"**Base:** {_quote(sample['base'])}",
-            "",
-            f"**Held-out text:** {_quote(sample['reference'])}",
-            "",
-        ]
-    return "\n".join(lines).rstrip() + "\n"
+        lines += [f"### Sample {i}", "", f"**Prompt:** {_quote(sample['prompt'])}", ""]
+        for label, key in fields:
+            lines += [f"**{label}:** {_quote(sample[key])}", ""]
+    return lines
 
 
 def champion_section(metrics: dict[str, Any]) -> list[str]:
@@ -768,22 +765,9 @@ def render_sft_report(metrics: dict[str, Any], samples: list[dict], config: Eval
         base, adapted, gain = metrics["base"][m], metrics["adapted"][m], metrics["improvement"][m]
         lines.append(f"| {m} | {base:.4f} | {adapted:.4f} | {gain:+.2%} |")
     lines += ["", f"![scores before and after]({layout.PERPLEXITY_PLOT})", "", "## Training loss", "",
-              f"![training loss]({layout.LOSS_CURVE})", "", "## Samples (greedy)", ""]  # fmt: skip
-    if not samples:
-        lines.append("No samples were generated.")
-    for i, sample in enumerate(samples, 1):
-        lines += [
-            f"### Sample {i}",
-            "",
-            f"**Prompt:** {_quote(sample['prompt'])}",
-            "",
-            f"**Reference:** {_quote(sample['reference'])}",
-            "",
-            f"**Adapted:** {_quote(sample['adapted'])}",
-            "",
-            f"**Base:** {_quote(sample['base'])}",
-            "",
-        ]
+              f"![training loss]({layout.LOSS_CURVE})", ""]  # fmt: skip
+    # The reference answer first: the completions are judged against it.
+    lines += samples_section(samples, [("Reference", "reference"), ("Adapted", "adapted"), ("Base", "base")])
     return "\n".join(lines).rstrip() + "\n"
 
 
