@@ -14,6 +14,7 @@ of ``block_size``. Outputs under ``<artifact_root>/runs/<run_id>/tokenize/``:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -246,7 +247,9 @@ def read_jsonl(uri: str, text_field: str) -> Iterator[RawRecord]:
             yield RawRecord(number, None, invalid, "missing_field")
 
 
-def read_parquet(uri: str, text_field: str) -> Iterator[RawRecord]:
+@contextlib.contextmanager
+def parquet_file(uri: str) -> Iterator[Any]:
+    """The open ``pyarrow.parquet.ParquetFile``; a file that is not Parquet is the user's to fix."""
     import pyarrow.parquet as pq
 
     with store.open_file(uri, "rb") as fh:
@@ -254,6 +257,11 @@ def read_parquet(uri: str, text_field: str) -> Iterator[RawRecord]:
             parquet = pq.ParquetFile(fh)
         except pa.ArrowInvalid as exc:
             raise UserError(f"{uri} is not a readable Parquet file: {exc}") from None
+        yield parquet
+
+
+def read_parquet(uri: str, text_field: str) -> Iterator[RawRecord]:
+    with parquet_file(uri) as parquet:
         schema = parquet.schema_arrow
         if text_field not in schema.names:
             raise UserError(f"{uri} has no column text_field={text_field!r} (columns: {', '.join(schema.names)})")
@@ -688,14 +696,8 @@ def read_objects(uri: str, config: TokenizeConfig) -> Iterator[tuple[int, Any, s
                 except (ValueError, RecursionError):
                     yield number, None, "bad_json"
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
         wanted = (config.messages_field, config.prompt_field, config.completion_field)
-        with store.open_file(uri, "rb") as fh:
-            try:
-                parquet = pq.ParquetFile(fh)
-            except pa.ArrowInvalid as exc:
-                raise UserError(f"{uri} is not a readable Parquet file: {exc}") from None
+        with parquet_file(uri) as parquet:
             columns = [c for c in wanted if c in parquet.schema_arrow.names]
             if not columns:
                 raise UserError(f"{uri} has none of the columns {', '.join(wanted)} (task=sft)")
