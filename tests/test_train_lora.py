@@ -278,6 +278,19 @@ def test_two_processes_sigkill_leave_no_rank_behind_and_resume_on_one(finetune_r
     assert_same_adapter(adapter_tensors(finetune_run, "ranks-sigkill"), one_process_adapter)
 
 
+@pytest.mark.integration
+def test_sigterm_while_the_ranks_start_is_a_preemption(finetune_run):
+    """Whether a rank had its handler yet or died of the signal, the stage exits 143 (retry), not 1."""
+    proc = start([*ranks_args(finetune_run, "ranks-early-sigterm"), "processes=2"])
+    deadline = time.time() + 60
+    while time.time() < deadline and len(child_pids(proc.pid)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
 # ---- QLoRA: the base in 4-bit NF4 (bitsandbytes' CPU backend here) -------------------------------------
 
 

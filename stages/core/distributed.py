@@ -81,8 +81,13 @@ def launch(fn: Callable[..., Any], args: tuple, world: int, *, name: str, cuda: 
         start_method="spawn",
     )
 
+    from stages.core.runner import Preempted
+
+    terminated = []
+
     def forward(signum: int, frame: Any) -> None:
         log.warning("SIGTERM received: passing it on to the %d training processes", world)
+        terminated.append(signum)
         for process in processes.processes:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
@@ -91,6 +96,10 @@ def launch(fn: Callable[..., Any], args: tuple, world: int, *, name: str, cuda: 
     try:
         while not processes.join():
             pass
+    except mp.ProcessExitedException:
+        if terminated:  # a rank still starting, before its handler, died of the signal: nothing to save yet
+            raise Preempted("SIGTERM while the training processes started; nothing was trained") from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     outcomes = dict(results.get() for _ in range(world))
@@ -99,8 +108,6 @@ def launch(fn: Callable[..., Any], args: tuple, world: int, *, name: str, cuda: 
         if kind == "user_error":
             raise UserError(value)
         if kind == "preempted":
-            from stages.core.runner import Preempted
-
             raise Preempted(value)
     return outcomes[0][1]
 
