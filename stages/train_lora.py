@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.core import checkpoints, distributed, downloads, layout, models, store, uris
+from stages.core import checkpoints, distributed, downloads, layout, models, store, telemetry, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.distributed import SINGLE, Ranks
 from stages.core.errors import UserError
@@ -446,11 +446,13 @@ class LoRARecipe:
             if distributed.any_rank(self.notice.received, self.ranks, self.device):  # all ranks stop together
                 self.save_checkpoint()
                 raise Preempted(f"stopped at step {self.step} of {self.total_steps}; rerun to resume")
+            step_started = time.time()
             loss = self.train_step()
+            step_seconds = time.time() - step_started
             tokens_per_s = self.trained_tokens / max(time.time() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            self.log_step(loss, tokens_per_s)
+            self.log_step(loss, tokens_per_s, step_seconds)
             if self.step % self.config.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         bar.close()
@@ -512,16 +514,21 @@ class LoRARecipe:
             self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def log_step(self, loss: float, tokens_per_s: float) -> None:
+    def log_step(self, loss: float, tokens_per_s: float, step_seconds: float) -> None:
+        """Every ``log_every`` steps and at the last: a log line, and the same numbers as metrics (telemetry)."""
         if self.ranks.main and (self.step % self.config.log_every == 0 or self.step == self.total_steps):
-            log.info(
-                "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
-                self.step,
-                self.total_steps,
-                loss,
-                self.scheduler.get_last_lr()[0],
-                tokens_per_s,
-            )
+            lr = self.scheduler.get_last_lr()[0]
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", self.step, self.total_steps, loss, lr, tokens_per_s)
+            values = {
+                "genai_train_step": self.step,
+                "genai_train_loss": loss,
+                "genai_train_learning_rate": lr,
+                "genai_train_tokens_per_second": tokens_per_s,
+                "genai_train_step_seconds": step_seconds,
+            }
+            if self.device.type == "cuda":
+                values["genai_train_gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            telemetry.push(telemetry.labels(layout.TRAIN_LORA, self.config), values)
 
     # -- saving ----------------------------------------------------------------------------------
 

@@ -119,7 +119,9 @@ def docker_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str,
         "image": stage.image,
         "stage_command": stage.spec.container_command,
         "docker_url": settings.docker.url,
-        "environment": container_environment(stage.image, settings.stage_resources(stage.name)),
+        "environment": container_environment(
+            stage.image, settings.stage_resources(stage.name), settings.metrics.pushgateway_url
+        ),
         "user": f"{uid}:{uid}",
         "mounts": mounts,
         "mount_tmp_dir": False,  # /tmp is a tmpfs, like the pod's emptyDir

@@ -26,6 +26,7 @@ from genai_dags.stage_contract import (
     EXIT_USER_ERROR,
     finish,
     local_environment,
+    metrics_environment,
     parse_result,
     resources_environment,
     user_error,
@@ -47,12 +48,14 @@ class LocalStageOperator(BaseOperator):
         workdir: str = ".",
         kill_grace_seconds: int = 30,
         stage_resources: dict[str, Any] | None = None,
+        pushgateway_url: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stage = stage
         # Not ``resources``: BaseOperator's own argument of that name means something else.
         self.stage_resources = stage_resources or {}
+        self.pushgateway_url = pushgateway_url
         self.arguments = arguments
         self.python = python
         self.workdir = workdir
@@ -73,6 +76,7 @@ class LocalStageOperator(BaseOperator):
             env = {
                 **local_environment(os.environ),
                 **resources_environment(self.stage_resources),
+                **metrics_environment(self.pushgateway_url),
                 "STAGE_RESULT_PATH": str(result_path),
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [self.workdir, os.environ.get("PYTHONPATH")])),
@@ -147,4 +151,5 @@ def local_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, 
         "workdir": str(settings.local.workdir),
         "kill_grace_seconds": settings.local.kill_grace_seconds,
         "stage_resources": settings.stage_resources(stage.name),
+        "pushgateway_url": settings.metrics.pushgateway_url,
     }

@@ -211,7 +211,7 @@ def pod_kwargs(stage: ResolvedStage, settings: PipelineSettings) -> dict[str, An
     )
     volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=k.scratch_size))]
     mounts = [k8s.V1VolumeMount(name="scratch", mount_path="/tmp")]
-    env = container_environment(stage.image, settings.stage_resources(stage.name))
+    env = container_environment(stage.image, settings.stage_resources(stage.name), settings.metrics.pushgateway_url)
     if stage.uses_gpu:  # NCCL (one training process per GPU) needs more shared memory than the 64 MiB default
         shm = k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=f"{k.shm_gib_per_gpu * stage.gpu}Gi")
         volumes.append(k8s.V1Volume(name="dshm", empty_dir=shm))

@@ -220,6 +220,15 @@ class CostSettings(Section):
     )
 
 
+class MetricsSettings(Section):
+    """Stage metrics people graph (``stages.core.telemetry``): pushed only where an endpoint is set."""
+
+    # Passed to every runtime's stages as STAGE_METRICS_PUSHGATEWAY; a push that fails never fails a stage.
+    pushgateway_url: Annotated[str, StringConstraints(pattern=r"^$|^https?://[^\s/]+(/\S*)?$")] = Field(
+        "", description="Prometheus Pushgateway the stages push their metrics to (empty: nothing is sent)"
+    )
+
+
 class ResolvedStage(BaseModel):
     """A stage spec with the platform's per-stage overrides applied: what a runtime needs to run it."""
 
@@ -284,6 +293,7 @@ class PipelineSettings(BaseModel):
     docker: DockerSettings = Field(default_factory=DockerSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     costs: CostSettings = Field(default_factory=CostSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     _source: str = PrivateAttr("embedded default")
 

@@ -78,10 +78,21 @@ def resources_environment(resources: Mapping[str, Any]) -> dict[str, str]:
     return {RESOURCES_ENV: json.dumps(dict(resources), sort_keys=True)}
 
 
-def container_environment(image: str, resources: Mapping[str, Any] | None = None) -> dict[str, str]:
+# Where the stage pushes its metrics (stages.core.telemetry): the platform config's metrics.pushgateway_url.
+METRICS_ENV = "STAGE_METRICS_PUSHGATEWAY"
+
+
+def metrics_environment(pushgateway_url: str) -> dict[str, str]:
+    return {METRICS_ENV: pushgateway_url} if pushgateway_url else {}
+
+
+def container_environment(
+    image: str, resources: Mapping[str, Any] | None = None, pushgateway_url: str = ""
+) -> dict[str, str]:
     """The environment of a stage in a pod or a container: read-only root filesystem, scratch at ``/tmp``."""
     return {
         **resources_environment(resources or {}),
+        **metrics_environment(pushgateway_url),
         "STAGE_RESULT_PATH": RESULT_PATH_IN_CONTAINER,
         "STAGE_IMAGE": image,  # recorded in every manifest: the lineage of published models
         "HOME": "/tmp",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stages.core import costs, layout, manifest, store, uris
+from stages.core import costs, layout, manifest, store, telemetry, uris
 from stages.core.config import check_bounds, check_run_id, config_to_dict, describe, help_field, load_config
 from stages.core.errors import InputNotFound, StoreError, UserError
 
@@ -183,22 +183,39 @@ def _run(name, config_cls, inputs_fn, work, config_uri, overrides) -> int:
     # Every attempt past its config costs its time, whatever its end: the record says how it ended.
     attempt = costs.Attempt(config.run_uri(), name, out_uri, costs.resources_from_env()).start()
     try:
-        cache_hit = _attempt(name, config_cls, inputs_fn, work, config, attempt)
+        cache_hit, metrics = _attempt(name, config_cls, inputs_fn, work, config, attempt)
     except Preempted:
-        attempt.finish(costs.PREEMPTED, EXIT_PREEMPTED)
+        _finish(attempt, costs.PREEMPTED, EXIT_PREEMPTED, name, config)
         raise
     except UserError:
-        attempt.finish("refused", EXIT_USER_ERROR)
+        _finish(attempt, "refused", EXIT_USER_ERROR, name, config)
         raise
     except BaseException:
-        attempt.finish("failed", EXIT_FAILED)
+        _finish(attempt, "failed", EXIT_FAILED, name, config)
         raise
-    attempt.finish("cache_hit" if cache_hit else "done", 0)
+    _finish(attempt, "cache_hit" if cache_hit else "done", 0, name, config, {} if cache_hit else metrics)
     return 0
 
 
-def _attempt(name, config_cls, inputs_fn, work, config, attempt: costs.Attempt) -> bool:
-    """Cache check, work, commit and result line; True for a cache hit."""
+def _finish(attempt: costs.Attempt, status: str, code: int, name: str, config, metrics: dict | None = None) -> None:
+    """Record how the attempt ended, and push its metrics where the runtime configured a Pushgateway."""
+    attempt.finish(status, code)
+    metrics = metrics or {}
+    values: dict[str, Any] = {
+        "genai_stage_duration_seconds": ({"status": status}, attempt.record["seconds"]),
+        "genai_stage_tokens_per_second": metrics.get("tokens_per_second"),
+    }
+    cost = metrics.get("cost") if isinstance(metrics.get("cost"), dict) else {}
+    if cost:  # publish prices the whole run (stages.core.costs)
+        currency = {"currency": cost.get("currency") or "none"}
+        values["genai_run_cost"] = (currency, cost.get("total"))
+        values["genai_run_on_demand_cost"] = (currency, cost.get("on_demand"))
+        values["genai_run_duration_seconds"] = cost.get("seconds")
+    telemetry.push(telemetry.labels(name, config), values)
+
+
+def _attempt(name, config_cls, inputs_fn, work, config, attempt: costs.Attempt) -> tuple[bool, dict[str, Any]]:
+    """Cache check, work, commit and result line; whether it was a cache hit, and the committed metrics."""
     started = attempt.started_at
     resolved = config_to_dict(config)
     log.info("config: %s", json.dumps(resolved, sort_keys=True))
@@ -224,7 +241,7 @@ def _attempt(name, config_cls, inputs_fn, work, config, attempt: costs.Attempt) 
     if existing is not None:
         if _up_to_date(existing, key, keyed, input_hashes, config_cls.IMMUTABLE_OUTPUT, out_uri):
             _report(name, out_uri, existing, cache_hit=True, attempt=attempt)
-            return True
+            return True, existing.get("metrics") or {}
         # The same settings over changed inputs or code: the committed output is stale. Uncommit it
         # (manifest first: a cut-short removal leaves only uncommitted files, cleared just below).
         store.remove(uris.join(out_uri, manifest.MANIFEST))
@@ -261,7 +278,7 @@ def _attempt(name, config_cls, inputs_fn, work, config, attempt: costs.Attempt) 
     for uri in run.remove_after_commit:
         store.remove(uri)
     _report(name, out_uri, committed, cache_hit=False, attempt=attempt)
-    return False
+    return False, committed.get("metrics") or {}
 
 
 def _up_to_date(

@@ -129,6 +129,15 @@ class TestAirflowValues:
         assert values["redis"]["enabled"] is False
         assert values["config"]["core"]["parallelism"] <= 32
 
+    @pytest.mark.parametrize("target", TARGETS)
+    def test_airflows_own_metrics_are_configured_and_off_by_default(self, target, airflow_values):
+        values = airflow_values[target]
+        assert values["statsd"]["enabled"] is False  # the chart's own default is true: a statsd-exporter pod
+        metrics = values["config"]["metrics"]
+        assert metrics["otel_on"] == "False"
+        assert {"otel_host", "otel_port"} <= metrics.keys()
+        assert "statsd_on" not in metrics, "the chart derives statsd_on from statsd.enabled: one switch"
+
     @pytest.mark.parametrize("target", CLOUDS)
     def test_uses_an_external_database_through_a_secret_and_no_password_anywhere(self, target, airflow_values):
         values = airflow_values[target]
