@@ -273,3 +273,25 @@ def test_every_runtime_passes_the_pushgateway_to_its_stages_only_when_configured
         assert (local_operator.local_kwargs(stage, s)["pushgateway_url"] or None) == expected
     with pytest.raises(settings.ConfigError, match=r"metrics\.pushgateway_url"):
         settings.parse({"metrics": {"pushgateway_url": "pushgateway:9091"}}, "test")
+
+
+def test_the_runner_pushes_the_attempts_duration_and_publishs_run_cost(monkeypatch):
+    from types import SimpleNamespace
+
+    from stages.core import runner
+
+    pushed = []
+    monkeypatch.setattr(telemetry, "push", lambda group, values: pushed.append((group, values)))
+    attempt = SimpleNamespace(finish=lambda status, code: None, record={"seconds": 12.5})
+    config = SimpleNamespace(run_id="exp-1", model_name="folio")
+    cost = {"currency": "EUR", "total": 0.3, "on_demand": 0.9, "seconds": 1800.0, "stages": {}}
+    runner._finish(attempt, "done", 0, "publish", config, {"cost": cost, "model_name": "folio"})
+    group, values = pushed[0]
+    assert group == {"run_id": "exp-1", "stage": "publish", "model_name": "folio"}
+    assert values["genai_stage_duration_seconds"] == ({"status": "done"}, 12.5)
+    assert values["genai_run_cost"] == ({"currency": "EUR"}, 0.3)
+    assert values["genai_run_on_demand_cost"] == ({"currency": "EUR"}, 0.9)
+    assert values["genai_run_duration_seconds"] == 1800.0
+    assert set(values) <= telemetry.SERIES.keys()
+    body = telemetry.exposition(values)
+    assert 'genai_run_cost{currency="EUR"} 0.3' in body and "genai_stage_tokens_per_second" not in body
