@@ -112,7 +112,7 @@ def run_dag(platform: dict, conf: dict, fail_stage: str = "", fail_code: int = 1
 
 
 # Only tokenize runs (the rest is marked done): the retry and error paths are the same for every stage.
-DOWNSTREAM = "train_lora|evaluate|quality_gate|batch_infer|publish"
+DOWNSTREAM = "train_lora|evaluate|quality_gate|batch_infer|publish|promote"
 
 
 def test_a_transient_stage_failure_is_retried_and_the_run_succeeds(platform, tally, capfd):

@@ -147,7 +147,7 @@ def flip_a_byte(path: Path) -> None:
 DAMAGE = {
     "truncated-adapter": ("adapter_model.safetensors", truncate),
     "truncated-optimizer": ("optimizer.pt", truncate),
-    "truncated-rng": ("rng.pt", truncate),
+    "truncated-rng": ("rng-rank0.pt", truncate),
     "empty-state": ("state.json", lambda p: p.write_bytes(b"")),
     "flipped-byte-in-scheduler": ("scheduler.pt", flip_a_byte),
     "missing-adapter-config": ("adapter_config.json", Path.unlink),
