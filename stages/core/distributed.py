@@ -72,28 +72,32 @@ def launch(fn: Callable[..., Any], args: tuple, world: int, *, name: str, cuda: 
     """
     import torch.multiprocessing as mp
 
-    results = mp.get_context("spawn").SimpleQueue()
-    processes = mp.start_processes(
-        _rank_main,
-        args=(world, _free_port(), os.getpid(), name, cuda, results, fn, args),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-
     from stages.core.runner import Preempted
 
-    terminated = []
+    results = mp.get_context("spawn").SimpleQueue()
+    terminated: list[int] = []
+    ranks: list[Any] = []
 
     def forward(signum: int, frame: Any) -> None:
         log.warning("SIGTERM received: passing it on to the %d training processes", world)
         terminated.append(signum)
-        for process in processes.processes:
+        for process in ranks:
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
 
+    # Installed before the ranks start: a SIGTERM while they start reaches them too, once they exist.
     previous = signal.signal(signal.SIGTERM, forward)
     try:
+        processes = mp.start_processes(
+            _rank_main,
+            args=(world, _free_port(), os.getpid(), name, cuda, results, fn, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        ranks.extend(processes.processes)
+        if terminated:
+            forward(signal.SIGTERM, None)
         while not processes.join():
             pass
     except mp.ProcessExitedException:
