@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.core import checkpoints, distributed, downloads, layout, models, store, telemetry, uris
+from stages.core import checkpoints, distributed, layout, models, store, telemetry, token_blocks, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.distributed import SINGLE, Ranks
 from stages.core.errors import UserError
@@ -142,28 +142,6 @@ class PreemptionNotice:
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("SIGTERM received: checkpointing at the end of this step")
         self.received = True
-
-
-# The columns of a tokenized train split that train_lora reads: task=causal_lm writes input_ids alone (every
-# token is a label), task=sft adds labels (-100 where no loss) and position_ids (restarting per packed example).
-BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
-
-
-def load_blocks(dataset_uri: str) -> dict[str, np.ndarray]:
-    import datasets
-
-    with downloads.local_copy(uris.join(dataset_uri, layout.DATASET)) as path:
-        try:
-            train = datasets.load_from_disk(str(path))["train"]
-        except (FileNotFoundError, KeyError) as exc:
-            raise UserError(f"dataset_uri={dataset_uri!r} holds no tokenized train split: {exc}") from None
-        columns = [c for c in BLOCK_COLUMNS if c in train.column_names]
-        # [:] reads the columns as arrays; indexing a column alone iterates it row by row in Python
-        table = train.with_format("numpy", columns=columns)[:]
-        blocks = {c: np.asarray(table[c], dtype=np.int64) for c in columns}
-    if "input_ids" not in blocks or blocks["input_ids"].ndim != 2 or len(blocks["input_ids"]) == 0:
-        raise UserError(f"dataset_uri={dataset_uri!r} has no training blocks")
-    return blocks
 
 
 def wrap_with_lora(model, config: TrainLoraConfig):
@@ -302,7 +280,7 @@ class LoRARecipe:
 
     def _setup_data(self) -> None:
         config = self.config
-        blocks = load_blocks(config.dataset_uri)
+        blocks = token_blocks.load_blocks(config.dataset_uri)
         self.n_blocks, self.block_size = blocks["input_ids"].shape
         self.data = {name: torch.from_numpy(column) for name, column in blocks.items()}
         self.labelled = "labels" in self.data

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = sorted(ROOT.glob("values/*/pipeline.yaml"))
 CONFIG_IDS = [p.parent.name for p in CONFIGS]
-DAG_IDS = {"genai_finetune", "genai_batch_inference", "genai_promote"}
+DAG_IDS = {"genai_finetune", "genai_batch_inference", "genai_promote", "genai_monitor", "genai_retrain"}
 EXAMPLES = sorted(ROOT.glob("examples/*.json"))
 EXAMPLE_DAG = {"finetune": "genai_finetune", "batch": "genai_batch_inference"}
 
@@ -95,7 +95,10 @@ class TestPolicy:
     def test_is_never_scheduled_and_never_catches_up(self, local_dags, dag_id):
         dag = local_dags[dag_id]
         assert dag.catchup is False
-        assert dag.timetable.can_be_scheduled is False  # schedule=None: triggered with a conf only
+        if dag_id == "genai_retrain":  # data-aware: genai_monitor's drift events start it
+            assert [a.name for a in dag.timetable.asset_condition.objects] == ["genai_drift"]
+        else:  # schedule=None (genai_monitor: until monitor.schedule is set): triggered with a conf only
+            assert dag.timetable.can_be_scheduled is False
 
     def test_has_tags_an_owner_and_its_module_docstring_as_doc_md(self, local_dags, dag_id):
         dag = local_dags[dag_id]
@@ -120,7 +123,7 @@ class TestPolicy:
             assert timeout == STAGES[stage].timeout or stage == "train_lora", task.task_id
 
 
-@pytest.mark.parametrize("dag_id", ["genai_finetune", "genai_batch_inference"])  # genai_promote: one task
+@pytest.mark.parametrize("dag_id", ["genai_finetune", "genai_batch_inference", "genai_monitor"])
 def test_the_plan_task_runs_first(local_dags, dag_id):
     dag = local_dags[dag_id]
     assert not dag.get_task("plan").upstream_task_ids
@@ -497,7 +500,7 @@ def test_a_bad_config_is_an_import_error_of_the_dags_not_a_silent_default(tmp_pa
     path.write_text("runtime: kubernetes\nartifact_root: /data\n")
     with pipeline_config(path):
         bag = BundleDagBag(dag_folder=str(ROOT / "dags"), bundle_path=str(ROOT / "dags"), bundle_name="t")
-    assert set(bag.import_errors) == {"genai_finetune.py", "genai_batch_inference.py", "genai_promote.py"}
+    assert set(bag.import_errors) == {f"{dag_id}.py" for dag_id in DAG_IDS}
     assert all("needs shared object storage" in e for e in bag.import_errors.values())
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from stages import batch_infer, evaluate, tokenize, train_lora
-from stages.core import chat, layout
+from stages.core import chat, layout, token_blocks
 from stages.core.generation import generate_completions
 from tests import families
 
@@ -117,7 +117,7 @@ def test_a_packed_block_scores_the_sum_of_its_examples_scored_alone(name, family
         with torch.no_grad():  # num_items_in_batch=1: the sum of the token losses
             return float(model(**batch, use_cache=False, num_items_in_batch=1).loss)
 
-    packed = loss_sum(**{k: torch.tensor(getattr(blocks, k)).long() for k in train_lora.BLOCK_COLUMNS})
+    packed = loss_sum(**{k: torch.tensor(getattr(blocks, k)).long() for k in token_blocks.BLOCK_COLUMNS})
     alone = sum(loss_sum(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])) for ids, labels in examples)
     assert packed == pytest.approx(alone, rel=1e-5)
     # Without the restarting position ids the examples see each other: a different number.

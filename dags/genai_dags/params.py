@@ -223,6 +223,27 @@ def promote_params() -> dict[str, Param]:
     }
 
 
+def monitor_params(settings: PipelineSettings) -> dict[str, Param]:
+    """genai_monitor runs on a schedule, without a conf: every param has its default from ``monitor:``."""
+    watched = settings.monitor.model_name or None
+    uri = uri_schema(settings)
+    return {
+        "model_name": Param(
+            watched,
+            description="The model whose champion is measured against the new batch "
+            f"(default: the platform's monitor.model_name, {watched or 'unset'}).",
+            schema={"type": ["null", "string"], "pattern": NAME_PATTERN},
+        ),
+        "data_uri": Param(
+            None,
+            description="The batch to measure (file, folder or glob). Empty: the newest entry under the "
+            "platform's monitor.data_prefix.",
+            schema={**uri, "type": ["null", "string"]},
+        ),
+        "run_id": _run_id(),
+    }
+
+
 def _param_objects(params: Mapping[str, Any]) -> dict[str, Param]:
     """Param objects from a plain dict or from a DAG's ParamsDict (whose items() resolves values)."""
     get = getattr(params, "get_param", None)

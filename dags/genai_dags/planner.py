@@ -230,6 +230,29 @@ def champion_to_compare(params: dict[str, Any], settings: PipelineSettings, vers
     return uri, f"evaluate compares the new adapter with {name}@champion ({champion.version})"
 
 
+RUN_CONF = "conf.json"  # runs/<run_id>/conf.json: the conf a finetune run was planned from
+
+
+def write_run_conf(settings: PipelineSettings, run_id: str, conf: dict[str, Any]) -> None:
+    """Keep the conf beside the run's outputs: retraining a published version on new data starts from it."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{settings.artifact_root}/runs/{run_id}/{RUN_CONF}")
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, (json.dumps(conf, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_run_conf(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
+    import fsspec
+
+    uri = f"{settings.artifact_root}/runs/{run_id}/{RUN_CONF}"
+    try:
+        with fsspec.open(uri, "rb") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise PlanError(f"{uri} does not exist: run {run_id} was planned before run confs were kept") from None
+
+
 def shard_count(records: int, records_per_shard: int, max_shards: int) -> int:
     """Enough shards for ``records_per_shard`` each, never more than ``max_shards``, at least one."""
     return max(1, min(max_shards, math.ceil(records / records_per_shard)))

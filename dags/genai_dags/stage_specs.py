@@ -98,6 +98,15 @@ STAGES: dict[str, StageSpec] = {
             doc="Concatenate batch_infer shard outputs, in shard order, into one predictions.jsonl.",
         ),
         StageSpec(
+            "drift",
+            "evaluator",
+            cpu="2",
+            memory="8Gi",
+            gpu=0,
+            timeout=timedelta(hours=1),
+            doc="Perplexity ratio and token divergence of a new batch against a model's data; the drift verdict.",
+        ),
+        StageSpec(
             "publish",
             "tokenizer",
             cpu="1",

@@ -13,7 +13,6 @@ owner) or as the identities the chart creates.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from tests.docker.conftest import ROOT, engine_problem
+from tests.served_airflow import ServedAirflow, serve
 
 BED_SCRIPTS = ROOT / "tests" / "cluster" / "bed"
 # The bed's state (certificates, each node's containerd with the imported images, logs, the shared
@@ -305,53 +305,8 @@ def bed_inputs(platform, tiny_base_model, folio_corpus) -> Path:
     return platform.artifact_root
 
 
-@dataclass
-class ServedAirflow:
-    """Airflow's own components, started as ``make airflow`` starts them, reached through its REST API."""
-
-    url: str
-    token: str
-    home: Path
-
-
 @pytest.fixture(scope="session")
 def served_airflow(platform, tmp_path_factory) -> ServedAirflow:
-    """api-server, scheduler (LocalExecutor), dag-processor and triggerer under the bed's pipeline config.
-
-    Unlike ``dag.test()``, the scheduler runs mapped tasks side by side and retries a failed try itself.
-    """
-    import signal
-    import socket
-    import sys
-
-    from genai_dags import trigger
-    from genai_dags.settings import ENV_VAR
-
-    home = tmp_path_factory.mktemp("airflow-served")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, ENV_VAR: str(platform.pipeline_config), "PYTHONPATH": str(ROOT / "dags")}
-    serve = [sys.executable, "-m", "genai_dags.local_airflow", "serve", "--port", str(port), "--home", str(home)]
-    with (home / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(serve, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://localhost:{port}"
-    passwords = home / "simple_auth_manager_passwords.json.generated"
-
-    def ready() -> str | None:
-        """A token once the api-server answers and both DAGs are parsed."""
-        with contextlib.suppress(trigger.TriggerError, OSError, ValueError):
-            token = trigger.login(url, *next(iter(json.loads(passwords.read_text()).items())))
-            dags = trigger.request("GET", f"{url}/api/v2/dags?dag_id_pattern=genai_", token=token)
-            return token if dags["total_entries"] >= 2 else None
-        return None
-
-    deadline = time.monotonic() + 180
-    try:
-        while (token := ready()) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, (home / "serve.log").read_text()[-3000:]
-            time.sleep(1)
-        yield ServedAirflow(url, token, home)
-    finally:
-        proc.send_signal(signal.SIGTERM)  # serve stops every component's process group, workers included
-        proc.wait(timeout=60)
+    """Airflow's components under the bed's pipeline config (tests/served_airflow.py)."""
+    with serve(platform.pipeline_config, tmp_path_factory.mktemp("airflow-served")) as served:
+        yield served
