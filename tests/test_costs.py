@@ -236,8 +236,35 @@ def test_the_plan_estimates_training_from_steps_and_the_configured_throughput(tm
     conf = {"train": {"max_steps": 1000, "batch_size": 4, "grad_accum_steps": 2}, "tokenize": {"block_size": 450}}
     line = cost_estimate.train_estimate(conf, s)  # 1000 x 8 x 450 = 3.6M tokens at 1000/s = 1 h
     assert line.startswith("cost estimate (an estimate, not a measurement; train_lora only)")
-    assert "3,600,000 tokens at 1000 tokens/s on gpu-spot = 1 h x 1 gpu = 0.3000 EUR (spot; 0.9000 on demand)" in line
+    assert (
+        "3,600,000 tokens at 1000 tokens/s (configured) on gpu-spot = 1 h x 1 gpu = 0.3000 EUR (spot; 0.9000 on demand)"
+        in line
+    )
+    measured = cost_estimate.train_estimate(conf, s, (4000.0, "measured by m@champion (v1)"))
+    assert "at 4000 tokens/s (measured by m@champion (v1)) on gpu-spot = 0.25 h" in measured
     assert "skipped: train.max_steps is 0" in cost_estimate.train_estimate({}, s)
     assert "no costs.train_tokens_per_second.gpu-spot" in cost_estimate.train_estimate(
         conf, load(tmp_path, "retries: 1\n")
     )
+
+
+def test_the_measured_throughput_is_the_champions_on_the_same_base_model(tmp_path):
+    from genai_dags import registry
+
+    root = tmp_path / "artifacts"
+    s = load(tmp_path, f"artifact_root: {root}\nbase_models: {{tiny: /models/tiny}}\n")
+    conf = {"model_name": "m", "base_model": "tiny"}
+    assert cost_estimate.measured_throughput(conf, s) is None  # no champion yet
+    trained = root / "runs/ft-1/train_lora"
+    trained.mkdir(parents=True)
+    (trained / "manifest.json").write_text(json.dumps({"metrics": {"tokens_per_second": 5123.4}}))
+    version = root / "models/m/v1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    lineage = {"run_id": "ft-1", "base_model": s.base_models["tiny"],
+               "stages": {"train_lora": {"output_uri": trained.as_uri()}}}  # fmt: skip
+    (version / "lineage.json").write_text(json.dumps(lineage))
+    registry.move_alias(str(root), "m", registry.CHAMPION, "v1", None)
+    assert cost_estimate.measured_throughput(conf, s) == (5123.4, "measured by m@champion (v1)")
+    other_base = {"model_name": "m", "base_model": "/models/other"}
+    assert cost_estimate.measured_throughput(other_base, s) is None  # another model's speed says nothing
