@@ -16,7 +16,14 @@ export HF_DATASETS_OFFLINE := 1
 AZURITE_VERSION := 3.35.0
 AZURITE_STAMP := build/node/.azurite-$(AZURITE_VERSION)
 
-install: $(VENV)/.installed $(AZURITE_STAMP)
+# MLflow's tracking server for tests/test_mlflow_registry.py: the full `mlflow` package (a web server, a SQL
+# store, pandas, scikit-learn) in a venv of its own, never in .venv, whose client is mlflow-skinny at the same
+# version (pyproject's `airflow` extra, the one place that names it).
+MLFLOW_VERSION := $(shell sed -n 's/^ *"mlflow-skinny==\([^"]*\)".*/\1/p' pyproject.toml)
+MLFLOW_VENV := build/mlflow-venv
+MLFLOW_STAMP := $(MLFLOW_VENV)/.mlflow-$(MLFLOW_VERSION)
+
+install: $(VENV)/.installed $(AZURITE_STAMP) $(MLFLOW_STAMP)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +39,13 @@ $(AZURITE_STAMP):
 	fi; \
 	set -e; \
 	npm install --prefix build/node --no-audit --no-fund --no-save --loglevel=error azurite@$(AZURITE_VERSION); \
+	touch $@
+
+$(MLFLOW_STAMP):
+	@test -n "$(MLFLOW_VERSION)" || { echo "pyproject.toml pins no mlflow-skinny==<version>" >&2; exit 2; }
+	rm -rf $(MLFLOW_VENV)
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet mlflow==$(MLFLOW_VERSION)
 	touch $@
 
 # The docker tier (tests/docker) runs when a Docker engine answers, else its tests report why they skip.

@@ -18,7 +18,9 @@ LoRA fine-tuning of a base model on your text, gated by evaluation, then batch i
   `<artifact_root>/models/<model_name>/<version>/` and updates the `genai_models` asset.
 - **promote** moves the `champion` alias to the new version when it beat the champion on the same
   held-out data (a model's first version: when it passed its gate); otherwise the version stays
-  published, marked rejected, with the comparison in its evaluation (`genai_dags/registry.py`).
+  published, marked rejected, with the comparison in its evaluation (`genai_dags/registry.py`). With
+  `registry.mlflow.tracking_uri` set, it first registers the version in MLflow (lineage as params, evaluation
+  as metrics), then sets MLflow's `champion` alias where ours went (`genai_dags/mlflow_registry.py`).
 
 Each stage is `python -m stages.<name> key=value ...` on the configured runtime (a local subprocess,
 a Kubernetes pod on the stage's node pool, or a local container); the platform config is described in
@@ -38,7 +40,7 @@ from typing import Any
 from airflow.sdk import Asset, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from genai_dags import params, planner, registry
+from genai_dags import mlflow_registry, params, planner, registry
 from genai_dags.cost_estimate import train_estimate
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.operators import stage_task
@@ -90,9 +92,14 @@ def genai_finetune() -> None:
         """Move the model's champion alias to the new version when it beat the champion (or, first, the base)."""
         name, version = steps["model_name"], steps["version"]
         metrics = evaluation["metrics"]
+        mlflow = mlflow_registry.from_settings(SETTINGS)
         try:
-            decision = registry.promotion_decision(SETTINGS.artifact_root, name, version, metrics, steps["run_id"])
+            decision = mlflow_registry.promote(SETTINGS.artifact_root, name, version, metrics, steps["run_id"], mlflow)
         except registry.AliasMoved as exc:  # another run promoted meanwhile: this one decides again on retry
+            raise AirflowFailException(str(exc)) from None
+        except mlflow_registry.MlflowRegistryError as exc:  # down: retried; it registers before ours moves
+            if exc.retryable:
+                raise
             raise AirflowFailException(str(exc)) from None
         log.info("%s %s: %s (%s)", name, version, decision["decision"], decision.get("reason", ""))
         return decision

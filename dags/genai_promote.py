@@ -9,7 +9,8 @@ Move a model's alias by hand: a rollback to an earlier version, or the promotion
 - **promote** checks that the version is published, then moves `<model_name>@<alias>` (`champion` by
   default) to it with the reason given, recorded in the alias's log and in the version's decision
   (`genai_dags/registry.py`). A promotion that raced with another one changes nothing and fails, naming
-  where the alias went.
+  where the alias went. With `registry.mlflow.tracking_uri` set, the version is registered in MLflow first
+  (if it is not yet) and MLflow's alias follows ours (`genai_dags/mlflow_registry.py`).
 
 Trigger it with a conf such as:
 
@@ -24,7 +25,7 @@ from typing import Any
 from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from genai_dags import params, registry
+from genai_dags import mlflow_registry, params, registry
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
 from genai_dags.settings import load_settings
 
@@ -41,27 +42,23 @@ def genai_promote() -> None:
         context = get_current_context()
         conf = dict(context["params"])
         name, version, alias = conf["model_name"], conf["version"], conf["alias"]
+        mlflow = mlflow_registry.from_settings(SETTINGS)
         try:
             params.check_conf(dict(context["dag_run"].conf or {}), PARAMS)
-            if not registry.is_published(SETTINGS.artifact_root, name, version):
-                raise registry.RegistryError(
-                    f"version={version!r} of model_name={name!r} is not published "
-                    f"({registry.version_uri(SETTINGS.artifact_root, name, version)}/manifest.json does not exist)"
-                )
-            current = registry.read_alias(SETTINGS.artifact_root, name, alias)
-            if current is not None and current.version == version:
-                log.info("%s@%s is %s already: nothing to move", name, alias, version)
-                return {"decision": "already", "alias": alias, "version": version}
-            run_id = context["dag_run"].run_id
-            moved = registry.move_alias(
-                SETTINGS.artifact_root, name, alias, version, current, run_id=run_id, reason=conf["reason"], by="hand"
+            decision = mlflow_registry.move_by_hand(
+                SETTINGS.artifact_root, name, version, alias, conf["reason"], context["dag_run"].run_id, mlflow
             )
         except (params.ConfError, registry.RegistryError) as exc:
             raise AirflowFailException(str(exc)) from None
-        decision = {"decision": "promoted", "alias": alias, "reason": conf["reason"], "by": "hand",
-                    "previous": moved.fields["previous"]}  # fmt: skip
-        log.info("%s@%s: %s -> %s (%s)", name, alias, moved.fields["previous"], version, conf["reason"])
-        return registry.write_decision(SETTINGS.artifact_root, name, version, decision)
+        except mlflow_registry.MlflowRegistryError as exc:  # down: retried; it registers before ours moves
+            if exc.retryable:
+                raise
+            raise AirflowFailException(str(exc)) from None
+        if decision["decision"] == "already":
+            log.info("%s@%s is %s already: nothing to move", name, alias, version)
+        else:
+            log.info("%s@%s: %s -> %s (%s)", name, alias, decision["previous"], version, conf["reason"])
+        return decision
 
     promote()
 

@@ -71,6 +71,14 @@ def is_published(root: str, name: str, version: str) -> bool:
     return fs.exists(path)
 
 
+def check_published(root: str, name: str, version: str) -> None:
+    if not is_published(root, name, version):
+        raise RegistryError(
+            f"version={version!r} of model_name={name!r} is not published "
+            f"({version_uri(root, name, version)}/{MANIFEST} does not exist)"
+        )
+
+
 def read_alias(root: str, name: str, alias: str) -> AliasRecord | None:
     """The alias's newest record, or None when it was never set."""
     fs, folder = fsspec.core.url_to_fs(f"{model_uri(root, name)}/aliases/{alias}")
@@ -125,6 +133,18 @@ def write_decision(root: str, name: str, version: str, decision: dict[str, Any])
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, (json.dumps(stamped, indent=2, sort_keys=True) + "\n").encode())
     return stamped
+
+
+def move_by_hand(root: str, name: str, version: str, alias: str, reason: str, run_id: str) -> dict[str, Any]:
+    """Point ``alias`` at a published version by hand (a rollback), recorded with the reason and the run."""
+    check_published(root, name, version)
+    current = read_alias(root, name, alias)
+    if current is not None and current.version == version:
+        return {"decision": "already", "alias": alias, "version": version}
+    moved = move_alias(root, name, alias, version, current, run_id=run_id, reason=reason, by="hand")
+    decision = {"decision": "promoted", "alias": alias, "reason": reason, "by": "hand",
+                "previous": moved.fields["previous"]}  # fmt: skip
+    return write_decision(root, name, version, decision)
 
 
 def resolve(root: str, name: str, version: str | None) -> str:

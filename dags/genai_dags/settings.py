@@ -24,6 +24,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, field_validator
@@ -229,6 +230,47 @@ class MetricsSettings(Section):
     )
 
 
+class MlflowSettings(Section):
+    """MLflow as a second model registry beside the artifact root's (``genai_dags/mlflow_registry.py``)."""
+
+    # Credentials never sit in the config (it is a ConfigMap, an Airflow Variable, a file in git): the client
+    # reads MLflow's standard MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN.
+    tracking_uri: str = Field(
+        "",
+        description="MLflow tracking server (`http(s)://host[:port]`) in which promote also registers each "
+        "published version and sets its aliases (empty: off); credentials come from MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, in Airflow's environment",
+    )
+    experiment: NonEmpty = Field(
+        "genai-finetune",
+        description="MLflow experiment of the runs that hold each registered version's lineage and metrics",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _http_without_credentials(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not value:
+            return value
+        parts = urlsplit(value)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or re.search(r"\s", value):
+            raise ValueError("must be an http:// or https:// URL of the MLflow tracking server")
+        if "@" in parts.netloc:
+            raise ValueError(
+                "holds credentials (user:password@): give them in Airflow's environment as "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), never in the config"
+            )
+        return value
+
+
+class RegistrySettings(Section):
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+
 class ResolvedStage(BaseModel):
     """A stage spec with the platform's per-stage overrides applied: what a runtime needs to run it."""
 
@@ -294,6 +336,7 @@ class PipelineSettings(BaseModel):
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     costs: CostSettings = Field(default_factory=CostSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     _source: str = PrivateAttr("embedded default")
 
@@ -423,7 +466,7 @@ def parse(data: Any, source: str) -> PipelineSettings:
     settings.base_models = {
         name: uri.replace("{artifact_root}", settings.artifact_root) for name, uri in settings.base_models.items()
     }
-    problem = _runtime_problem(settings) or _price_problem(settings)
+    problem = _runtime_problem(settings) or _price_problem(settings) or _registry_problem(settings)
     if problem:
         raise ConfigError(f"pipeline config {source}: {problem}")
     return settings
@@ -489,6 +532,17 @@ def _price_problem(s: PipelineSettings) -> str | None:
     return None
 
 
+def _registry_problem(s: PipelineSettings) -> str | None:
+    """MLflow registers a version by its adapter's URI, and its server refuses a local path as a version's source."""
+    if s.registry.mlflow.tracking_uri and s.artifact_root.startswith("file://"):
+        return (
+            f"registry.mlflow.tracking_uri is set, but artifact_root={s.artifact_root!r} is a local path: MLflow "
+            "registers a version by its adapter's URI and refuses a local path as a model version's source; use "
+            "object storage (s3://, gs://, abfs://) or leave registry.mlflow.tracking_uri empty"
+        )
+    return None
+
+
 def _key_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -505,6 +559,9 @@ def _all_keys(model: type[BaseModel] = PipelineSettings) -> set[str]:
     return keys
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
 def _describe(error: dict[str, Any]) -> str:
     """One line per problem: the key's dotted path, what is wrong, and the value given (shortened)."""
     loc = tuple(p for p in error["loc"] if p not in ("[key]",))
@@ -512,7 +569,8 @@ def _describe(error: dict[str, Any]) -> str:
         hint = difflib.get_close_matches(str(loc[-1]), sorted(_all_keys()), n=1)
         return f"{_key_path(loc)}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
     value = error.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {str(value)[:80]!r})"
+    text = _USERINFO.sub("***@", str(value))  # a URL's user:password@ is never echoed back into a log
+    shown = "" if isinstance(value, dict) else f" (got {text[:80]!r})"
     return f"{_key_path(loc)}: {error['msg']}{shown}"
 
 
