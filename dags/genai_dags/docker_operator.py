@@ -20,6 +20,7 @@ from airflow.providers.docker.operators.docker import DockerOperator
 from airflow.sdk.exceptions import AirflowException
 from docker.types import DeviceRequest, Mount
 
+from genai_dags.lineage import StageLineage, parent_run_environment
 from genai_dags.settings import PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import EXIT_USER_ERROR, container_environment, finish, parse_result, user_error
 
@@ -44,7 +45,7 @@ class _HardenedClient:
         return getattr(self._client, name)
 
 
-class StageDockerOperator(DockerOperator):
+class StageDockerOperator(StageLineage, DockerOperator):
     """DockerOperator for one stage: hardened container, the stage's JSON result as XCom, exit 2 not retried."""
 
     template_fields = (*DockerOperator.template_fields, "arguments")
@@ -72,6 +73,7 @@ class StageDockerOperator(DockerOperator):
         # The image's entry point is the stage; the command is given explicitly, as in a pod.
         self.entrypoint = list(self.stage_command)
         self.command = [str(a) for a in (self.arguments or [])]
+        self.environment = {**(self.environment or {}), **parent_run_environment(context)}
         self.log.info("running %s in %s", " ".join([*self.entrypoint, *self.command]), self.image)
         try:
             lines = super().execute(context)
@@ -87,7 +89,8 @@ class StageDockerOperator(DockerOperator):
             self._remove_container()
         lines = lines if isinstance(lines, list) else [lines or ""]
         json_line = next((line for line in reversed(lines) if str(line).startswith("{")), None)
-        return finish(self.log, context, self.outlets, parse_result(self.stage, json_line))
+        self.stage_result = finish(self.log, context, self.outlets, parse_result(self.stage, json_line))
+        return self.stage_result
 
     def _exit_code(self) -> int | None:
         try:

@@ -21,6 +21,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from genai_dags.lineage import StageLineage, parent_run_environment
 from genai_dags.settings import PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import (
     EXIT_USER_ERROR,
@@ -33,7 +34,7 @@ from genai_dags.stage_contract import (
 )
 
 
-class LocalStageOperator(BaseOperator):
+class LocalStageOperator(StageLineage, BaseOperator):
     """Run one stage as a local subprocess."""
 
     template_fields = ("arguments",)
@@ -77,6 +78,7 @@ class LocalStageOperator(BaseOperator):
                 **local_environment(os.environ),
                 **resources_environment(self.stage_resources),
                 **metrics_environment(self.pushgateway_url),
+                **parent_run_environment(context),
                 "STAGE_RESULT_PATH": str(result_path),
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [self.workdir, os.environ.get("PYTHONPATH")])),
@@ -114,7 +116,8 @@ class LocalStageOperator(BaseOperator):
             raise user_error(self.stage, list(tail))
         if code != 0:
             raise AirflowException(f"stage {self.stage} exited {code}; last lines:\n" + "\n".join(list(tail)[-10:]))
-        return finish(self.log, context, self.outlets, parse_result(self.stage, result_text))
+        self.stage_result = finish(self.log, context, self.outlets, parse_result(self.stage, result_text))
+        return self.stage_result
 
     def on_kill(self) -> None:
         self.log.warning(

@@ -19,6 +19,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from genai_dags.lineage import without_operator_state
 from genai_dags.settings import PipelineSettings, ResolvedStage
 
 
@@ -58,7 +59,7 @@ def stage_task(
 ) -> BaseOperator:
     """The task that runs ``python -m stages.<stage> <arguments>`` on the configured runtime."""
     cls, kwargs = _operator(stage, settings, task_id, extra)
-    return cls(arguments=arguments, **kwargs)
+    return without_operator_state(cls(arguments=arguments, **kwargs))
 
 
 def mapped_stage_task(
@@ -66,4 +67,4 @@ def mapped_stage_task(
 ):
     """The same, mapped: one task instance per element of ``arguments`` (a list of argument lists)."""
     cls, kwargs = _operator(stage, settings, task_id, extra)
-    return cls.partial(**kwargs).expand(arguments=arguments)
+    return without_operator_state(cls.partial(**kwargs).expand(arguments=arguments))

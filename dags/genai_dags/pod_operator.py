@@ -20,6 +20,7 @@ from airflow.sdk.exceptions import AirflowException
 from kubernetes.client import models as k8s
 from kubernetes.client.exceptions import ApiException
 
+from genai_dags.lineage import StageLineage, parent_run_environment
 from genai_dags.pod_failures import StagePod, diagnose, refused_at_admission
 from genai_dags.settings import NodePool, PipelineSettings, ResolvedStage
 from genai_dags.stage_contract import (
@@ -71,7 +72,7 @@ def _ended(remote_pod: k8s.V1Pod) -> bool:
     return bool(remote_pod.status) and remote_pod.status.phase in ("Failed", "Succeeded")
 
 
-class StagePodOperator(KubernetesPodOperator):
+class StagePodOperator(StageLineage, KubernetesPodOperator):
     """KubernetesPodOperator for one stage: picks spot or on-demand capacity per try, maps exit 2 to no-retry."""
 
     def __init__(
@@ -105,7 +106,10 @@ class StagePodOperator(KubernetesPodOperator):
                 raise
             self.log.error("%s", failure.message)
             raise failure.exception() from None
-        return finish(self.log, context, self.outlets, result) if isinstance(result, dict) else result
+        if not isinstance(result, dict):
+            return result
+        self.stage_result = finish(self.log, context, self.outlets, result)
+        return self.stage_result
 
     def capacity_for_try(self, try_number: int) -> tuple[str, NodePool]:
         """Spot for every try but the last; the last try (when there are retries) runs on on-demand capacity."""
@@ -127,10 +131,14 @@ class StagePodOperator(KubernetesPodOperator):
         self.priority_class_name = self.stage_priority_class or pool.priority_class or None
         pod = super().build_pod_request_obj(context, dry_run=dry_run)
         pod.metadata.labels["genai-pipelines.io/capacity"] = capacity
+        lineage_env = [k8s.V1EnvVar(name=k, value=v) for k, v in parent_run_environment(context).items()]
         for container in pod.spec.containers:
             if container.name == PodDefaults.SIDECAR_CONTAINER_NAME:
                 container.command = ["sh", "-c", SIDECAR_COMMAND]
-            elif capacity == "on-demand" and self.fallback_resources is not None:
+                continue
+            if lineage_env:  # the task's run, for anything in the stage that emits lineage (genai_dags.lineage)
+                container.env = [*(container.env or []), *lineage_env]
+            if capacity == "on-demand" and self.fallback_resources is not None:
                 for var in container.env or []:
                     if var.name == RESOURCES_ENV:
                         var.value = resources_environment(self.fallback_resources)[RESOURCES_ENV]
