@@ -28,14 +28,13 @@ TEXT_UNIT = "line"  # one line, one document: see bench.common.corpus
 
 def _documents(scale: int) -> list[str]:
     """The cleaned, deduplicated documents the stage tokenizes (in input order)."""
-    from stages.tokenize import TokenizeConfig, ingest
+    from stages.tokenize import Piece, TokenizeConfig, ingest
 
     folder = corpus(scale)
     config = TokenizeConfig(
         input_uri=str(folder), base_model=str(TINY_BASE), text_unit=TEXT_UNIT, artifact_root=str(WORK), run_id="docs"
     )
-    docs, _ = ingest(sorted(str(p) for p in folder.iterdir()), config)
-    return docs
+    return ingest([Piece(str(p)) for p in sorted(folder.iterdir())], config).docs
 
 
 def ours(params: dict[str, Any]) -> dict[str, Any]:

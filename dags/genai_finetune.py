@@ -3,7 +3,8 @@
 
 LoRA fine-tuning of a base model on your text, gated by evaluation, then batch inference and publication:
 
-    plan -> tokenize -> train_lora -> evaluate -> quality_gate -> batch_infer -> publish -> promote
+    plan -> [tokenize_shard x N] -> tokenize -> train_lora -> evaluate -> quality_gate -> batch_infer
+         -> publish -> promote
 
 - **plan** checks the whole run conf (unknown keys included) and fixes the stage run id: the conf's
   `run_id`, or a hash of the conf and a listing of its input files, so triggering the same conf again
@@ -12,6 +13,10 @@ LoRA fine-tuning of a base model on your text, gated by evaluation, then batch i
   `config.json` and fails, with the numbers and the settings that would fit, when the GPU pools'
   `gpu_memory_gib` is too small, before any GPU node scales up (`genai_dags/memory_plan.py`). When the
   model has a champion (the `champion` alias) on the same base model, evaluate scores it too.
+- **tokenize_shard** (big inputs only) tokenizes slices of the input side by side (whole files, and line
+  ranges of JSONL and row groups of Parquet), one task each: `tokenize_shards` in the conf, or one per
+  platform `tokenize_shard_bytes` of input; **tokenize** then merges them into the dataset a single task
+  would have written, byte for byte (duplicates dropped across slices too). Small inputs: tokenize alone.
 - **quality_gate** reads evaluate's `metrics.quality_gate` and stops the run before inference and
   publication when it failed; the reason is in its log and in the failure notification.
 - **publish** copies the adapter, the evaluation and a `lineage.json` to
@@ -41,9 +46,9 @@ from airflow.sdk import Asset, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from genai_dags import mlflow_registry, params, planner, registry
-from genai_dags.cost_estimate import train_estimate
+from genai_dags.cost_estimate import measured_throughput, train_estimate
 from genai_dags.dag_defaults import dag_kwargs, last_task_kwargs
-from genai_dags.operators import stage_task
+from genai_dags.operators import mapped_stage_task, stage_task
 from genai_dags.settings import load_settings
 
 SETTINGS = load_settings()
@@ -66,16 +71,23 @@ def genai_finetune() -> None:
             inputs = planner.input_fingerprint(planner.finetune_inputs(conf, SETTINGS))
             _, version = planner.finetune_version(conf, inputs)
             champion, champion_note = planner.champion_to_compare(conf, SETTINGS, version)
-            result = planner.finetune_plan(conf, SETTINGS, inputs, memory, champion)
+            shards = planner.tokenize_shard_count(conf, SETTINGS)
+            result = planner.finetune_plan(conf, SETTINGS, inputs, memory, champion, shards)
+            planner.write_run_conf(SETTINGS, result["run_id"], conf)
         except (params.ConfError, planner.PlanError, registry.RegistryError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info("%s", memory_note)
-        log.info("%s", train_estimate(conf, SETTINGS))
+        log.info("%s", train_estimate(conf, SETTINGS, measured_throughput(conf, SETTINGS)))
         log.info("%s", champion_note)
         log.info(
             "stage run id %s: artifacts under %s/runs/%s/", result["run_id"], SETTINGS.artifact_root, result["run_id"]
         )
         return result
+
+    @task
+    def shard_input(steps: dict[str, Any]) -> list[list[str]]:
+        """Each tokenize_shard task's arguments (none for an input that one task tokenizes)."""
+        return steps["tokenize_shards"]
 
     @task
     def quality_gate(evaluation: dict[str, Any]) -> str:
@@ -105,14 +117,16 @@ def genai_finetune() -> None:
         return decision
 
     steps = plan()
-    tokenize = stage_task("tokenize", SETTINGS, arguments=steps["tokenize"])
+    # Big inputs: slices tokenized side by side, then merged by the tokenize task (none: it tokenizes alone).
+    shards = mapped_stage_task("tokenize", SETTINGS, arguments=shard_input(steps), task_id="tokenize_shard")
+    tokenize = stage_task("tokenize", SETTINGS, arguments=steps["tokenize"], trigger_rule="none_failed")
     train = stage_task("train_lora", SETTINGS, arguments=steps["train_lora"])
     evaluate = stage_task("evaluate", SETTINGS, arguments=steps["evaluate"])
     gate = quality_gate(evaluate.output)
     infer = stage_task("batch_infer", SETTINGS, arguments=steps["batch_infer"])
     publish = stage_task("publish", SETTINGS, arguments=steps["publish"], outlets=[MODELS])
 
-    tokenize >> train >> evaluate
+    shards >> tokenize >> train >> evaluate
     gate >> infer >> publish >> promote(steps, evaluate.output)
 
 

@@ -15,6 +15,8 @@ of ``block_size``. Outputs under ``<artifact_root>/runs/<run_id>/tokenize/``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -32,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from stages.core import chat, layout, models, store, uris
+from stages.core import chat, layout, manifest, models, store, uris
 from stages.core.config import SEED_BOUNDS, check, help_field
 from stages.core.encodings import without_bom
 from stages.core.errors import UserError
@@ -92,6 +94,16 @@ class TokenizeConfig(StageConfig):
         False, "task=sft: cut an example longer than block_size to block_size; false drops it (counted too_long)."
     )
 
+    num_shards: int = help_field(
+        1,
+        "Split the input into this many shards of about equal bytes (whole files; lines of JSONL and line text "
+        "and row groups of Parquet from any byte): each shard_index is one task, then merge=true joins them.",
+    )
+    shard_index: int = help_field(0, "With num_shards > 1: which shard this task tokenizes (0-based).")
+    merge: bool = help_field(
+        False, "With num_shards > 1: join this run's committed shards into the dataset the one-task run writes."
+    )
+
     # How the work is chunked does not change a single token of the output.
     OPERATIONAL = frozenset({"batch_size"})
 
@@ -114,9 +126,28 @@ class TokenizeConfig(StageConfig):
             check(bool(getattr(self, name)), f"{name} must not be empty")
         if chat.is_template_uri(self.chat_template):
             self.chat_template = uris.normalize_uri(self.chat_template, "chat_template")
+        check(1 <= self.num_shards <= 9_999, f"num_shards={self.num_shards} must be in [1, 9999]")
+        check(
+            0 <= self.shard_index < self.num_shards,
+            f"shard_index={self.shard_index} must be in [0, num_shards={self.num_shards})",
+        )
+        check(not self.merge or self.num_shards > 1, "merge=true joins shards: it needs num_shards > 1")
+        check(
+            self.num_shards == 1 or self.task == "causal_lm",
+            f"num_shards={self.num_shards}: task=sft tokenizes in one task (num_shards=1)",
+        )
+
+    def output_uri(self, stage: str) -> str:
+        """A shard commits under ``tokenize_shards/``; the merge, like the one-task run, under ``tokenize/``."""
+        if self.num_shards > 1 and not self.merge:
+            return self.run_uri(layout.TOKENIZE_SHARDS, layout.shard_name(self.shard_index, self.num_shards))
+        return self.run_uri(stage)
 
 
 def inputs(config: TokenizeConfig) -> dict[str, str]:
+    if config.merge:  # the shards, each committed with this merge's settings
+        check_shards(config)
+        return {"base_model": config.base_model, **{f"shard_{i:05d}": u for i, u in enumerate(shard_uris(config))}}
     found = {"input_uri": config.input_uri, "base_model": config.base_model}
     if config.task == "sft" and chat.is_template_uri(config.chat_template):
         found["chat_template"] = config.chat_template
@@ -178,14 +209,29 @@ def decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-def decoded_lines(uri: str) -> Iterator[tuple[int, str, bool]]:
+def decoded_lines(uri: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, held invalid UTF-8) of every line; with a byte range, of the lines that start in it.
+
+    Line numbers count from the range's first line. Ranges that tile a file give every line to exactly one.
+    """
     # Decoding line by line is exact: byte 0x0A never occurs inside a multi-byte UTF-8 sequence. So is
     # decoding a chunk of whole lines at once, which costs far less per line; only a chunk that holds
     # invalid UTF-8 is decoded line by line, to flag and replace exactly the lines that hold it.
     with store.open_file(uri, "rb") as fh:
         number = 0
-        while chunk := fh.readlines(1 << 20):
-            if number == 0:
+        position = start  # where the next line starts
+        if start > 0:
+            fh.seek(start - 1)
+            if fh.read(1) != b"\n":  # inside a line: it belongs to the range where it starts
+                position += len(fh.readline())
+        while (stop is None or position < stop) and (chunk := fh.readlines(1 << 20)):
+            if stop is not None:
+                for kept, raw in enumerate(chunk):
+                    if position >= stop:
+                        del chunk[kept:]
+                        break
+                    position += len(raw)
+            if number == 0 and start == 0:
                 chunk[0] = without_bom(uri, chunk[0])
             try:
                 lines = b"".join(chunk).decode("utf-8").split("\n")
@@ -204,7 +250,7 @@ def decoded_lines(uri: str) -> Iterator[tuple[int, str, bool]]:
                 yield number, last, False
 
 
-def read_text(uri: str, unit: str) -> Iterator[RawRecord]:
+def read_text(uri: str, unit: str, start: int = 0, stop: int | None = None) -> Iterator[RawRecord]:
     if unit == "file":
         with store.open_file(uri, "rb") as fh:
             text, invalid = decode(without_bom(uri, fh.read()))
@@ -212,7 +258,7 @@ def read_text(uri: str, unit: str) -> Iterator[RawRecord]:
             yield RawRecord(1, text, invalid)
         return
     if unit == "line":
-        for number, line, invalid in decoded_lines(uri):
+        for number, line, invalid in decoded_lines(uri, start, stop):
             if line.strip():
                 yield RawRecord(number, line, invalid)
         return
@@ -231,8 +277,8 @@ def read_text(uri: str, unit: str) -> Iterator[RawRecord]:
         yield RawRecord(start, "".join(lines), invalid)
 
 
-def read_jsonl(uri: str, text_field: str) -> Iterator[RawRecord]:
-    for number, line, invalid in decoded_lines(uri):
+def read_jsonl(uri: str, text_field: str, start: int = 0, stop: int | None = None) -> Iterator[RawRecord]:
+    for number, line, invalid in decoded_lines(uri, start, stop):
         if not line.strip():
             continue
         try:
@@ -260,7 +306,8 @@ def parquet_file(uri: str) -> Iterator[Any]:
         yield parquet
 
 
-def read_parquet(uri: str, text_field: str) -> Iterator[RawRecord]:
+def read_parquet(uri: str, text_field: str, start: int = 0, stop: int | None = None) -> Iterator[RawRecord]:
+    """The text column's rows; with a byte range, those of the row groups that start in it (row_group_starts)."""
     with parquet_file(uri) as parquet:
         schema = parquet.schema_arrow
         if text_field not in schema.names:
@@ -274,8 +321,12 @@ def read_parquet(uri: str, text_field: str) -> Iterator[RawRecord]:
             or pa.types.is_large_binary(column_type)
         ):
             raise UserError(f"{uri}: column text_field={text_field!r} holds {column_type}, not text")
-        row = 0
-        for batch in parquet.iter_batches(batch_size=8192, columns=[text_field]):
+        starts = row_group_starts(parquet.metadata)
+        groups = [g for g, at in enumerate(starts) if start <= at and (stop is None or at < stop)]
+        if not groups:
+            return
+        row = sum(parquet.metadata.row_group(g).num_rows for g in range(groups[0]))
+        for batch in parquet.iter_batches(batch_size=8192, columns=[text_field], row_groups=groups):
             # As bytes, so that invalid UTF-8 in a string column is counted and replaced like in other formats.
             for raw in batch.column(0).cast(pa.large_binary()).to_pylist():
                 row += 1
@@ -286,13 +337,22 @@ def read_parquet(uri: str, text_field: str) -> Iterator[RawRecord]:
                     yield RawRecord(row, text, invalid)
 
 
-def read_records(uri: str, config: TokenizeConfig) -> Iterator[RawRecord]:
+def row_group_starts(metadata: Any) -> list[int]:
+    """Where each row group of a Parquet file starts, in bytes: its first column chunk's first page."""
+    starts = []
+    for g in range(metadata.num_row_groups):
+        chunk = metadata.row_group(g).column(0)
+        starts.append(chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset)
+    return starts
+
+
+def read_records(uri: str, config: TokenizeConfig, start: int = 0, stop: int | None = None) -> Iterator[RawRecord]:
     fmt = file_format(uri, config.input_format)
     if fmt == "jsonl":
-        return read_jsonl(uri, config.text_field)
+        return read_jsonl(uri, config.text_field, start, stop)
     if fmt == "parquet":
-        return read_parquet(uri, config.text_field)
-    return read_text(uri, config.text_unit)
+        return read_parquet(uri, config.text_field, start, stop)
+    return read_text(uri, config.text_unit, start, stop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,27 +430,34 @@ CLEAN_BATCH = 4096
 CLEAN_BATCH_CHARS = 4_000_000
 
 
+class Piece(NamedTuple):
+    """A file, or the records of a file that start in a byte range (a shard's part of a big file)."""
+
+    uri: str
+    start: int = 0
+    stop: int | None = None  # None: to the end
+
+
 def ingest(
-    files: list[str], config: TokenizeConfig, on_documents: Callable[[list[str]], None] | None = None
-) -> tuple[list[str], Counter]:
+    pieces: list[Piece], config: TokenizeConfig, on_documents: Callable[[list[str]], None] | None = None
+) -> Corpus:
     """Cleaned, unique documents in input order, and how many records were read, flagged and dropped.
 
     ``on_documents`` receives each group of newly kept documents as soon as they are known (the stage
     tokenizes them while the next records are read and cleaned).
     """
     corpus = Corpus(config, on_documents)
-    for uri in files:
-        for records in record_batches(uri, config):
-            corpus.add(uri, records)
-    corpus.check(len(files))
-    return corpus.docs, corpus.counts
+    for piece in pieces:
+        for records in record_batches(piece, config):
+            corpus.add(piece, records)
+    return corpus
 
 
-def record_batches(uri: str, config: TokenizeConfig) -> Iterator[list[RawRecord]]:
-    """The raw records of one file, in groups of at most CLEAN_BATCH records or about CLEAN_BATCH_CHARS characters."""
+def record_batches(piece: Piece, config: TokenizeConfig) -> Iterator[list[RawRecord]]:
+    """The raw records of a piece, in groups of at most CLEAN_BATCH records or about CLEAN_BATCH_CHARS characters."""
     records: list[RawRecord] = []
     chars = 0
-    for record in read_records(uri, config):
+    for record in read_records(piece.uri, config, piece.start, piece.stop):
         records.append(record)
         chars += len(record.text or "")
         if len(records) == CLEAN_BATCH or chars >= CLEAN_BATCH_CHARS:
@@ -412,14 +479,14 @@ class Corpus:
         self.seen: set[str] = set()  # holds the same string objects as docs: no second copy of the corpus
         self.first_bad = ""
 
-    def add(self, uri: str, records: list[RawRecord]) -> None:
-        """Count a batch of records from ``uri``, clean the usable ones and keep those that pass the filters."""
+    def add(self, piece: Piece, records: list[RawRecord]) -> None:
+        """Count a batch of records from ``piece``, clean the usable ones and keep those that pass the filters."""
         kept_from = len(self.docs)
-        self.keep(clean_many(self.usable_texts(uri, records), self.config.normalization))
+        self.keep(clean_many(self.usable_texts(piece, records), self.config.normalization))
         if self.on_documents is not None and len(self.docs) > kept_from:
             self.on_documents(self.docs[kept_from:])
 
-    def usable_texts(self, uri: str, records: list[RawRecord]) -> list[str]:
+    def usable_texts(self, piece: Piece, records: list[RawRecord]) -> list[str]:
         """The texts of the records that have one; the others are counted by problem (bad_json, missing_field)."""
         counts = self.counts
         counts["records_read"] += len(records)
@@ -429,16 +496,17 @@ class Corpus:
             if record.problem:
                 counts[record.problem] += 1
                 if not self.first_bad:
-                    self.first_bad = self.where(uri, record)
+                    self.first_bad = self.where(piece, record)
             else:
                 usable.append(record.text)
         return usable
 
-    def where(self, uri: str, record: RawRecord) -> str:
+    def where(self, piece: Piece, record: RawRecord) -> str:
         """An unusable record, for the error message: file, line or row, and what is wrong with it."""
         what = "not valid JSON" if record.problem == "bad_json" else f"no string {self.config.text_field!r}"
-        unit = "row" if file_format(uri, self.config.input_format) == "parquet" else "line"
-        return f"{uri} {unit} {record.line}: {what}"
+        parquet = file_format(piece.uri, self.config.input_format) == "parquet"
+        after = f" after byte {piece.start}" if piece.start and not parquet else ""  # a shard's part of a file
+        return f"{piece.uri} {'row' if parquet else 'line'} {record.line}{after}: {what}"
 
     def keep(self, texts: list[str]) -> None:
         """Keep the cleaned texts that are in range and not seen before; count the others by drop reason."""
@@ -459,24 +527,27 @@ class Corpus:
             counts[reason] += 1
 
     def check(self, n_files: int) -> None:
-        """Fail when the input held no text, too many unusable records, or nothing left after cleaning."""
-        config, counts = self.config, self.counts
-        read = counts["records_read"]
-        if read == 0:
-            raise UserError(f"input_uri={config.input_uri!r} holds no text: {n_files} file(s), all empty or blank")
-        bad = sum(counts[r] for r in UNUSABLE)
-        if bad / read > config.max_bad_fraction:
-            raise UserError(
-                f"{bad} of {read} records ({bad / read:.1%}) are unusable (bad_json {counts['bad_json']}, "
-                f"missing_field {counts['missing_field']}), more than max_bad_fraction={config.max_bad_fraction}; "
-                f"first: {self.first_bad}"
-            )
-        if not self.docs:
-            dropped = ", ".join(f"{r} {counts[r]}" for r in DROP_REASONS if counts[r])
-            raise UserError(
-                f"no valid records after cleaning: read {read} from input_uri={config.input_uri!r}, dropped {dropped} "
-                f"(min_chars={config.min_chars}, max_chars={config.max_chars})"
-            )
+        check_corpus(self.config, self.counts, len(self.docs), self.first_bad, n_files)
+
+
+def check_corpus(config: TokenizeConfig, counts: Counter, kept: int, first_bad: str, n_files: int) -> None:
+    """Fail when the input held no text, too many unusable records, or nothing left after cleaning."""
+    read = counts["records_read"]
+    if read == 0:
+        raise UserError(f"input_uri={config.input_uri!r} holds no text: {n_files} file(s), all empty or blank")
+    bad = sum(counts[r] for r in UNUSABLE)
+    if bad / read > config.max_bad_fraction:
+        raise UserError(
+            f"{bad} of {read} records ({bad / read:.1%}) are unusable (bad_json {counts['bad_json']}, "
+            f"missing_field {counts['missing_field']}), more than max_bad_fraction={config.max_bad_fraction}; "
+            f"first: {first_bad}"
+        )
+    if not kept:
+        dropped = ", ".join(f"{r} {counts[r]}" for r in DROP_REASONS if counts[r])
+        raise UserError(
+            f"no valid records after cleaning: read {read} from input_uri={config.input_uri!r}, dropped {dropped} "
+            f"(min_chars={config.min_chars}, max_chars={config.max_chars})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,27 +676,55 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     # An unknown context length leaves block_size unchecked here; train_lora checks it against the model.
     if context is not None and config.block_size > context:
         raise UserError(f"block_size={config.block_size} is longer than base_model's context of {context} tokens")
+    if config.merge:
+        return merge_shards(config, run, tokenizer)
 
     files, skipped = text_files(store.expand(config.input_uri, "input_uri"), config)
-    log.info("reading %d file(s) from %s", len(files), config.input_uri)
+    pieces = [Piece(f) for f in files] if config.num_shards == 1 else shard_pieces(files, config)
+    log.info("reading %d file(s) from %s%s", len(pieces), config.input_uri, shard_note(config))
     started = time.perf_counter()  # reading, cleaning and tokenizing overlap: timed together
     encoder = Encoder(tokenizer, config.batch_size)
     try:
-        docs, counts = ingest(files, config, on_documents=encoder.add)
+        corpus = ingest(pieces, config, on_documents=encoder.add)
         ids, lengths = encoder.finish()
     finally:
         encoder.close()
-    train_order, validation_order = split_documents(len(docs), config.validation_fraction, config.seed)
+    if config.num_shards > 1:
+        return write_shard(config, run, corpus, ids, lengths, len(files), len(skipped), time.perf_counter() - started)
+    corpus.check(len(files))
+    docs, counts = corpus.docs, corpus.counts
+    counts["files_skipped_not_text"] = len(skipped)
+    return write_dataset(config, run, tokenizer, ids, lengths, lambda order: (docs[i] for i in order), counts, started)
+
+
+def write_dataset(
+    config: TokenizeConfig,
+    run: StageRun,
+    tokenizer: Any,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    validation_texts: Callable[[np.ndarray], Iterator[str]],
+    counts: Counter,
+    started: float,
+) -> dict[str, Any]:
+    """Split the documents, pack the blocks, write the dataset and the held-out documents; the metrics.
+
+    ``ids`` and ``lengths`` hold every kept document's tokens, in input order; ``validation_texts`` gives
+    the texts of the documents at the indices it is given, in that order.
+    """
+    import datasets
+
+    train_order, validation_order = split_documents(len(lengths), config.validation_fraction, config.seed)
     log.info(
         "%d of %d records kept; %d train / %d validation documents",
-        len(docs),
+        len(lengths),
         counts["records_read"],
         len(train_order),
         len(validation_order),
     )
     train_ids = token_ids(ids, lengths, train_order, tokenizer.eos_token_id)
     validation_ids = token_ids(ids, lengths, validation_order, tokenizer.eos_token_id)
-    del ids, lengths
+    del ids
     seconds = time.perf_counter() - started
     train_blocks, train_dropped = pack(train_ids, config.block_size)
     validation_blocks, validation_dropped = pack(validation_ids, config.block_size)
@@ -647,17 +746,17 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
 
     docs_file = run.scratch / layout.VALIDATION_DOCS
     with docs_file.open("w", encoding="utf-8") as fh:
-        for i in validation_order:
-            fh.write(json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n")
+        for text in validation_texts(validation_order):
+            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     store.upload_file(docs_file, run.output(layout.VALIDATION_DOCS))
 
     tokens_total = len(train_ids) + len(validation_ids)
     metrics = {
         "records_read": counts["records_read"],
-        "records_kept": len(docs),
+        "records_kept": len(lengths),
         **{f"dropped_{reason}": counts[reason] for reason in DROP_REASONS},
         "records_with_invalid_utf8": counts["records_with_invalid_utf8"],
-        "files_skipped_not_text": len(skipped),
+        "files_skipped_not_text": counts["files_skipped_not_text"],
         "train_docs": len(train_order),
         "validation_docs": len(validation_order),
         "train_blocks": len(train_blocks),
@@ -671,12 +770,191 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
         len(train_blocks),
         len(validation_blocks),
         config.block_size,
-        len(docs),
+        len(lengths),
         counts["records_read"],
         tokens_total,
         metrics["tokens_per_second"],
     )
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded: N tasks each tokenize a slice of the input bytes, one task merges them into the same dataset
+
+
+def shard_note(config: TokenizeConfig) -> str:
+    return f" (shard {config.shard_index} of {config.num_shards})" if config.num_shards > 1 else ""
+
+
+def splittable(uri: str, config: TokenizeConfig) -> bool:
+    """Whether records of the file can be found from any byte: lines (JSONL, line text) and Parquet row groups."""
+    fmt = file_format(uri, config.input_format)
+    return fmt in ("jsonl", "parquet") or (fmt == "text" and config.text_unit == "line")
+
+
+def shard_pieces(files: list[str], config: TokenizeConfig) -> list[Piece]:
+    """This shard's records: those that start in its slice of the input's bytes (the files end to end).
+
+    Slices tile the bytes, so every record is in exactly one shard, and shards in order hold the records in
+    input order. A file that cannot be cut (paragraph or whole-file text) goes whole to the shard its
+    first byte falls in.
+    """
+    sizes = [store.size(f) for f in files]
+    total = sum(sizes)
+    lo, hi = config.shard_index * total // config.num_shards, (config.shard_index + 1) * total // config.num_shards
+    pieces, offset = [], 0
+    for uri, size in zip(files, sizes, strict=True):
+        if splittable(uri, config):
+            start, stop = max(lo - offset, 0), min(hi - offset, size)
+            if start < stop:
+                pieces.append(Piece(uri, start, stop))
+        elif lo <= offset < hi:
+            pieces.append(Piece(uri))
+        offset += size
+    return pieces
+
+
+SHARD_DOCS = "docs.parquet"  # a shard's kept documents in input order: text and token ids
+
+
+def write_shard(
+    config: TokenizeConfig,
+    run: StageRun,
+    corpus: Corpus,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    input_files: int,
+    skipped: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """A shard's output: its documents (deduplicated among themselves) with their tokens, and its counts."""
+    import pyarrow.parquet as pq
+
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    table = pa.table(
+        {
+            "text": pa.array(corpus.docs, type=pa.large_string()),
+            "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+        }
+    )
+    path = run.scratch / SHARD_DOCS
+    pq.write_table(table, path, row_group_size=16_384)
+    store.upload_file(path, run.output(SHARD_DOCS))
+    peak = peak_rss_mib()
+    log.info(
+        "shard %d of %d: %d documents, %d tokens from %d records in %.1f s; peak memory %.0f MiB",
+        config.shard_index, config.num_shards, len(lengths), int(lengths.sum()), corpus.counts["records_read"],
+        seconds, peak,
+    )  # fmt: skip
+    return {
+        "counts": {k: int(v) for k, v in corpus.counts.items()},
+        "first_bad": corpus.first_bad,
+        "input_files": input_files,  # of the whole input, as every shard lists it
+        "files_skipped_not_text": skipped,
+        "docs": len(lengths),
+        "tokens": int(lengths.sum()),
+        "seconds": round(seconds, 3),
+        "peak_rss_mib": round(peak, 1),
+    }
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def shard_uris(config: TokenizeConfig) -> list[str]:
+    return [
+        config.run_uri(layout.TOKENIZE_SHARDS, layout.shard_name(i, config.num_shards))
+        for i in range(config.num_shards)
+    ]
+
+
+# The settings a shard and its merge must share: everything that decides a token of the output.
+SHARD_AGNOSTIC = frozenset({"shard_index", "merge", "batch_size", "artifact_root", "run_id"})
+
+
+def check_shards(config: TokenizeConfig) -> list[dict[str, Any]]:
+    """Every shard's manifest: each committed, each made with this merge's settings."""
+    manifests = [manifest.read(uri) for uri in shard_uris(config)]
+    missing = [uri for uri, m in zip(shard_uris(config), manifests, strict=True) if m is None]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {config.num_shards} tokenize shard(s) are not committed (no manifest.json), "
+            f"first: {missing[0]}; run those shards first, or check num_shards={config.num_shards}"
+        )
+    ours = {k: v for k, v in dataclasses.asdict(config).items() if k not in SHARD_AGNOSTIC}
+    for uri, committed in zip(shard_uris(config), manifests, strict=True):
+        theirs = committed.get("config", {})
+        changed = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
+        if changed:
+            raise UserError(
+                f"{uri} was tokenized with other settings ({', '.join(f'{k}={theirs[k]!r}' for k in changed)}) "
+                f"than this merge ({', '.join(f'{k}={ours[k]!r}' for k in changed)})"
+            )
+    return manifests
+
+
+def merge_shards(config: TokenizeConfig, run: StageRun, tokenizer: Any) -> dict[str, Any]:
+    """The dataset of the single-task path from the shards' documents: the same documents, split and blocks.
+
+    Duplicates are dropped across shards as within one (the first occurrence in input order stays), by a
+    128-bit hash of the text instead of the text itself, so that memory holds no second copy of the corpus.
+    Token ids go to a memory-mapped scratch file; the texts are read again for the held-out documents only.
+    """
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    shards = check_shards(config)
+    counts: Counter = Counter()
+    first_bad = ""
+    for committed in shards:
+        counts.update(committed["metrics"]["counts"])
+        first_bad = first_bad or committed["metrics"]["first_bad"]
+    counts["files_skipped_not_text"] = shards[0]["metrics"]["files_skipped_not_text"]
+    seen: set[bytes] = set()
+    kept_per_batch: list[np.ndarray] = []  # which documents of each batch read are kept (not seen before)
+    lengths_parts: list[np.ndarray] = []
+    ids_file = run.scratch / "ids.int32"
+    with ids_file.open("wb") as out:
+        for uri in shard_uris(config):
+            with store.open_file(uris.join(uri, SHARD_DOCS), "rb") as fh:
+                reader = pq.ParquetFile(fh)
+                for batch in reader.iter_batches(batch_size=8192):
+                    texts = batch.column("text").to_pylist()
+                    keep = np.zeros(len(texts), dtype=bool)
+                    for j, text in enumerate(texts):
+                        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+                        if digest not in seen:
+                            seen.add(digest)
+                            keep[j] = True
+                    counts["duplicate"] += int((~keep).sum())
+                    lists = batch.column("ids").filter(pa.array(keep))
+                    lengths_parts.append(lists.value_lengths().to_numpy().astype(np.int64))
+                    out.write(lists.flatten().to_numpy().astype(np.int32).tobytes())
+                    kept_per_batch.append(keep)
+    del seen
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, dtype=np.int64)
+    check_corpus(config, counts, len(lengths), first_bad, shards[0]["metrics"]["input_files"])
+    ids = np.memmap(ids_file, dtype=np.int32, mode="r") if lengths.sum() else np.zeros(0, dtype=np.int32)
+
+    def validation_texts(order: np.ndarray) -> Iterator[str]:
+        wanted = {int(i): None for i in order}
+        index, batches = 0, iter(kept_per_batch)
+        for uri in shard_uris(config):
+            with store.open_file(uris.join(uri, SHARD_DOCS), "rb") as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=["text"]):
+                    texts = batch.column("text").filter(pa.array(next(batches))).to_pylist()
+                    for text in texts:
+                        if index in wanted:
+                            wanted[index] = text
+                        index += 1
+        return (wanted[int(i)] for i in order)
+
+    metrics = write_dataset(config, run, tokenizer, ids, lengths, validation_texts, counts, started)
+    return {**metrics, "shards": config.num_shards, "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,7 +211,13 @@ def test_the_bundles_dags_parse_with_its_config_given_as(gke_bundle, tmp_path, m
     dags = gke_bundle / "dags"
     bag = BundleDagBag(dag_folder=str(dags), bundle_path=str(dags), bundle_name="genai-bundle")
     assert bag.import_errors == {}
-    assert sorted(bag.dags) == ["genai_batch_inference", "genai_finetune", "genai_promote"]
+    assert sorted(bag.dags) == [
+        "genai_batch_inference",
+        "genai_finetune",
+        "genai_monitor",
+        "genai_promote",
+        "genai_retrain",
+    ]
     for dag in bag.dags.values():
         assert dag.owner == given_as and "kubernetes" in dag.tags
     assert type(bag.dags["genai_finetune"].get_task("train_lora")).__name__ == "StagePodOperator"
@@ -296,7 +302,7 @@ for case in json.loads(sys.argv[1]):
     with create_session() as session:
         errors = {e.filename: e.stacktrace[-2000:] for e in session.query(ParseImportError)}
     dags = {}
-    for dag_id in ("genai_finetune", "genai_batch_inference", "genai_promote"):
+    for dag_id in ("genai_finetune", "genai_batch_inference", "genai_promote", "genai_monitor", "genai_retrain"):
         dag = SerializedDagModel.get_dag(dag_id)
         dags[dag_id] = dag and {
             "owners": sorted({t.owner for t in dag.tasks}),
@@ -351,5 +357,5 @@ def test_the_bundle_installs_with_airflow_alone_and_parses_with_the_config_as_a_
         for dag_id, dag in result["dags"].items():
             assert dag["owners"] == [case["owner"]], (case["name"], dag_id, dag)
             assert "kubernetes" in dag["tags"], (case["name"], dag)
-            if dag_id != "genai_promote":  # the registry's DAG runs no stage
+            if dag_id not in ("genai_promote", "genai_retrain"):  # they run no stage
                 assert "StagePodOperator" in dag["task_types"], (case["name"], dag)

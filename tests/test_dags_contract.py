@@ -57,16 +57,59 @@ def test_the_arguments_every_task_passes_are_accepted_by_its_stage(config):
     cfg = settings.load_file(CONFIGS[config])
     dags = render_pods.load_dags(CONFIGS[config])
     confs = {
-        "genai_finetune": json.loads((ROOT / "examples/finetune-demo.json").read_text()),
+        "genai_finetune": {**json.loads((ROOT / "examples/finetune-demo.json").read_text()), "tokenize_shards": 2},
         "genai_batch_inference": json.loads((ROOT / "examples/batch-inference.json").read_text()),
     }
     checked = set()
-    for dag_id, conf in confs.items():  # genai_promote runs no stage
+    for dag_id, conf in confs.items():  # genai_promote and genai_retrain run no stage
         for name, op in render_pods.stage_tasks(dags[dag_id], cfg, conf):
             parsed = parse(op.stage, op.arguments)
             assert parsed.artifact_root == cfg.artifact_root, name
             checked.add(op.stage)
-    assert checked == set(STAGES)
+    assert checked == set(STAGES) - {"drift"}  # genai_monitor's: test_monitor_tasks_agree_on_the_batch_and_the_champion
+
+
+def test_finetune_tokenize_shards_tile_the_input_and_the_merge_reads_them():
+    from stages.tokenize import shard_uris
+
+    cfg = settings.load_file(CONFIGS["local"])
+    dag = render_pods.load_dags(CONFIGS["local"])["genai_finetune"]
+    conf = {**json.loads((ROOT / "examples/finetune-demo.json").read_text()), "tokenize_shards": 3}
+    plan = render_pods.plan_arguments(dag.dag_id, cfg, conf, dag.params)
+    shards = [parse("tokenize", args) for args in plan["tokenize_shards"]]
+    merge = parse("tokenize", plan["tokenize"])
+    assert [(s.shard_index, s.num_shards, s.merge) for s in shards] == [(0, 3, False), (1, 3, False), (2, 3, False)]
+    assert merge.merge and [s.output_uri("tokenize") for s in shards] == shard_uris(merge)
+    assert merge.output_uri("tokenize") == f"{cfg.artifact_root}/runs/{plan['run_id']}/tokenize"  # train_lora's input
+
+
+def test_monitor_tasks_agree_on_the_batch_and_the_champion(tmp_path):
+    from genai_dags import monitor, registry
+
+    root = tmp_path / "artifacts"
+    cfg = settings.load_file(CONFIGS["local"]).model_copy(update={"artifact_root": root.as_uri()})
+    conf = json.loads((ROOT / "examples/finetune-demo.json").read_text())
+    version = root / "models/shakespeare-folio/ft-1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text("{}")
+    trained = {"tokenize": {"output_uri": f"{root.as_uri()}/runs/ft-1/tokenize"}}
+    (version / "lineage.json").write_text(json.dumps({"run_id": "ft-1", "base_model": "file:///b", "stages": trained}))
+    planner.write_run_conf(cfg, "ft-1", {**conf, "run_id": None, "version": None})
+    registry.move_alias(cfg.artifact_root, conf["model_name"], registry.CHAMPION, "ft-1", None)
+    (tmp_path / "batch").mkdir()
+    (tmp_path / "batch/new.txt").write_text("new text\n")
+
+    plan = monitor.monitor_plan({"data_uri": str(tmp_path / "batch"), "model_name": conf["model_name"]}, cfg)
+    tokenize, evaluate, drift = (parse(s, plan[s]) for s in ("tokenize", "evaluate", "drift"))
+    run_uri = f"{cfg.artifact_root}/runs/{plan['run_id']}"
+    assert (
+        tokenize.input_uri == f"file://{tmp_path / 'batch'}" and tokenize.block_size == conf["tokenize"]["block_size"]
+    )
+    assert evaluate.adapter_uri == version.as_uri() and evaluate.num_samples == 0  # the champion, measured only
+    assert evaluate.dataset_uri == drift.dataset_uri == f"{run_uri}/tokenize"
+    assert drift.evaluation_uri == f"{run_uri}/evaluate" and drift.reference_uri == trained["tokenize"]["output_uri"]
+    assert drift.reference_evaluation_uri == f"{version.as_uri()}/evaluation"
+    assert plan["retrain_conf"] == {**conf, "train_data_uri": f"file://{tmp_path / 'batch'}"}
 
 
 def test_finetune_tasks_agree_on_the_run_and_the_upstream_outputs():

@@ -69,13 +69,16 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
     smtp_server,  # noqa: F811 - the fixture
 ):
     local_airflow.migrate()
+    finetune_conf = {**finetune_conf, "tokenize_shards": 2}  # two tasks tokenize, one merges
 
     # 1. A fresh run: every stage works, the model is published with its lineage.
     first = local_airflow.run_dag("genai_finetune", finetune_conf, config)
     states = local_airflow.task_states(first)
     assert str(first.state) == "success", states
+    assert [states[f"tokenize_shard[{i}]"] for i in range(2)] == ["success", "success"]
     results = stage_results(first)
     assert not any(r["cache_hit"] for r in results.values())
+    assert results["tokenize"]["metrics"]["shards"] == 2
     published = results["publish"]["metrics"]
     model_dir = Path(published["uri"].removeprefix("file://"))
     run_id = local_airflow.xcom(first, "plan", key="run_id")
@@ -104,7 +107,8 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
     # What the run cost: each stage's attempt at its pool's price, published beside the model.
     cost = json.loads((model_dir / "cost.json").read_text())
     assert set(STAGE_TASKS) <= set(cost["stages"]) and cost["currency"] == "EUR"
-    assert all(s["attempts"] == 1 and s["cost"] is not None for s in cost["stages"].values())
+    assert all(s["attempts"] == (3 if name == "tokenize" else 1) for name, s in cost["stages"].items())  # 2 shards
+    assert all(s["cost"] is not None for s in cost["stages"].values())
     assert cost["stages"]["train_lora"]["seconds"] > 0 and cost["total"]["cost"] > 0
     assert cost["stages"]["train_lora"]["pools"] == ["gpu-spot (spot)"]
     assert cost["total"]["cost"] < cost["total"]["on_demand_cost"]  # spot against the same hours on demand
@@ -145,7 +149,7 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
     from stages.core import costs
 
     artifact_root = str(model_dir.parents[2])
-    assert costs.run_cost(artifact_root, run_id)["total"]["attempts"] == 2 * len(cost["stages"])
+    assert costs.run_cost(artifact_root, run_id)["total"]["attempts"] == 2 * cost["total"]["attempts"]
     report = costs.report(artifact_root)
     assert any(line.split()[:2] == ["folio-tiny", run_id] for line in report.splitlines()), report
 

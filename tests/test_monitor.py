@@ -133,7 +133,7 @@ def test_a_drifted_batch_retrains_the_champion_by_itself_and_a_similar_one_does_
         assert len(finetunes) == 2, finetunes
         second = finetunes[-1]
         # The champion's own conf, on the drifted batch.
-        assert second["conf"] == {**conf, "train_data_uri": f"file://{incoming / '2026-12-01'}"}
+        assert second["conf"] == {**conf, "tokenize_shards": 0, "train_data_uri": f"file://{incoming / '2026-12-01'}"}
         run_to_end(airflow, "genai_finetune", second["dag_run_id"])
         decision = xcom(airflow, "genai_finetune", second["dag_run_id"], "promote")
         assert decision["decision"] == "promoted", decision  # it beat the champion on the tickets' held-out part

@@ -322,7 +322,9 @@ class TestCleaningAndDrops:
         (tmp_path / "bytes.txt").write_bytes(b"ok line\n\nbad \xff line\n")
         config = TokenizeConfig(input_uri=str(tmp_path / "bytes.txt"), base_model="unused-hub-id")
 
-        docs, counts = tokenize_stage.ingest(tokenize_stage.store.expand(config.input_uri), config)
+        pieces = [tokenize_stage.Piece(uri) for uri in tokenize_stage.store.expand(config.input_uri)]
+        corpus = tokenize_stage.ingest(pieces, config)
+        docs, counts = corpus.docs, corpus.counts
 
         assert docs == ["ok line", "bad \ufffd line"]
         assert counts["records_with_invalid_utf8"] == 1
@@ -443,6 +445,7 @@ class TestContract:
             "input_uri", "base_model", "input_format", "text_field", "text_unit", "normalization", "min_chars",
             "max_chars", "block_size", "validation_fraction", "seed", "max_bad_fraction", "batch_size", "task",
             "chat_template", "messages_field", "prompt_field", "completion_field", "train_on", "packing", "truncation",
+            "num_shards", "shard_index", "merge",
         ]  # fmt: skip
 
     def test_inputs_are_uris_or_hub_ids(self, tmp_path):
@@ -516,3 +519,63 @@ def test_first_folio_with_the_tiny_base_model(tmp_path, folio_corpus, tiny_base_
     assert metrics["dropped_duplicate"] > 0  # stage directions such as "Exeunt." repeat
     dataset = datasets.load_from_disk(str(tmp_path / "runs" / "dev" / "tokenize" / "dataset"))
     assert dataset["train"].features["input_ids"].length == 128
+
+
+class TestShards:
+    """N shard tasks plus a merge write what one task writes: the same bytes of dataset and held-out documents."""
+
+    @staticmethod
+    def mixed_input(folder: Path) -> Path:
+        """A big JSONL (a bad line, invalid UTF-8, duplicates far apart), a Parquet of many row groups, text."""
+        folder.mkdir()
+        rows: list = [{"text": doc(i)} for i in range(400)]
+        rows[37] = '{"text": "unterminated'
+        rows[90] = {"text": doc(3)}  # a duplicate of an earlier record, in another shard than it
+        rows[380] = {"text": doc(200)}
+        write_jsonl(folder / "a.jsonl", rows)
+        with (folder / "a.jsonl").open("ab") as fh:
+            fh.write(b'{"text": "bad \xff byte ' + doc(1000).encode() + b'"}\n')
+        texts = [doc(i) for i in range(300, 520)]  # 300..399 repeat the JSONL's
+        pq.write_table(pa.table({"text": texts}), folder / "b.parquet", row_group_size=16)
+        (folder / "c.txt").write_text("\n\n".join(doc(i, 12) for i in range(1000, 1060)) + "\n")
+        (folder / "d.txt").write_text("\n".join(doc(i, 8) for i in range(2000, 2100)) + "\n")
+        return folder
+
+    @pytest.mark.parametrize(("text_unit", "shards"), [("paragraph", 3), ("line", 5)])
+    def test_shards_then_merge_equal_one_task(self, stage, tmp_path, text_unit, shards):
+        data = self.mixed_input(tmp_path / "data")
+        common = [f"text_unit={text_unit}", "block_size=32", "max_bad_fraction=0.05"]
+        code, single, err = stage(data, "run_id=one", *common)
+        assert code == 0, err
+        sizes = []
+        for i in range(shards):
+            code, result, err = stage(data, "run_id=many", *common, f"num_shards={shards}", f"shard_index={i}")
+            assert code == 0, err
+            sizes.append(result["metrics"]["docs"])
+        assert all(sizes) and sum(sizes) > single["metrics"]["records_kept"]  # some duplicates span shards
+        code, merged, err = stage(data, "run_id=many", *common, f"num_shards={shards}", "merge=true")
+        assert code == 0, err
+
+        assert file_hashes_only(out_dir(tmp_path, "many")) == file_hashes_only(out_dir(tmp_path, "one"))
+        differs = {"tokens_per_second", "shards", "peak_rss_mib"}
+        assert {k: v for k, v in merged["metrics"].items() if k not in differs} == {
+            k: v for k, v in single["metrics"].items() if k not in differs
+        }
+        # rows 90 and 380, and the Parquet's 300..399 but 380 (replaced in the JSONL)
+        assert single["metrics"]["dropped_duplicate"] == 2 + 99 and single["metrics"]["dropped_bad_json"] == 1
+
+    def test_a_merge_refuses_missing_shards_and_shards_made_with_other_settings(self, stage, tmp_path):
+        data = self.mixed_input(tmp_path / "data")
+        assert stage(data, "run_id=s", "num_shards=2", "shard_index=0")[0] == 0
+        code, _, err = stage(data, "run_id=s", "num_shards=2", "merge=true")
+        assert code == 2 and "1 of 2 tokenize shard(s) are not committed" in err
+        assert stage(data, "run_id=s", "num_shards=2", "shard_index=1", "min_chars=5")[0] == 0
+        code, _, err = stage(data, "run_id=s", "num_shards=2", "merge=true")
+        assert code == 2 and "shard-00001-of-00002 was tokenized with other settings (min_chars=5)" in err
+        code, _, err = stage(data, "run_id=x", "num_shards=2", "task=sft")
+        assert code == 2 and "task=sft tokenizes in one task" in err
+
+
+def file_hashes_only(folder: Path) -> dict[str, str]:
+    """Content hashes of a stage output's data files (its manifest records when and how: not compared)."""
+    return {k: h for k, (h, _) in file_hashes(folder).items() if k != "manifest.json"}

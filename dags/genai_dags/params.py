@@ -176,6 +176,13 @@ def finetune_params(settings: PipelineSettings) -> dict[str, Param]:
         "prompts_uri": _uri_param(settings, "JSONL of prompts with id and prompt"),
         "run_id": _run_id(),
         "version": _name("Published version; empty: the run id", optional=True),
+        "tokenize_shards": Param(
+            0,
+            description="Tasks that tokenize in parallel, each a slice of the input, then one merges them into "
+            "the dataset one task would write. 0: one per platform tokenize_shard_bytes of input "
+            f"(at most {settings.max_shards}); 1: one task.",
+            schema={"type": "integer", "minimum": 0, "maximum": settings.max_shards},
+        ),
         **_group("tokenize", "Tokenizer settings."),
         **_group("train_lora", "LoRA training settings."),
         **_group("evaluate", "Evaluation and quality-gate settings."),

@@ -162,12 +162,15 @@ def finetune_plan(
     inputs: dict[str, str],
     memory: memory_plan.MemoryPlan | None = None,
     champion_uri: str | None = None,
+    tokenize_shards: int = 1,
 ) -> dict[str, Any]:
     """The stage run id, the published name/version, and every stage's arguments.
 
     ``inputs`` is what else makes a run what it is besides its conf: the fingerprint of its input files
     (:func:`input_fingerprint`). ``memory`` is :func:`train_memory_plan`'s plan: where it chose fsdp for
-    ``strategy=auto``, train_lora gets ``strategy=fsdp``.
+    ``strategy=auto``, train_lora gets ``strategy=fsdp``. With ``tokenize_shards`` > 1, ``tokenize_shards``
+    holds each shard task's arguments and ``tokenize`` merges them (:func:`tokenize_shard_count`); else
+    ``tokenize_shards`` is empty and ``tokenize`` is the one task.
     """
     run_id, version = finetune_version(params, inputs)
     base_model = resolve_base_model(params["base_model"], settings)
@@ -175,16 +178,19 @@ def finetune_plan(
     train = tunable_args("train_lora", params)
     if memory is not None and memory.chose_fsdp:
         train = [*(a for a in train if not a.startswith("strategy=")), "strategy=fsdp"]
+    tokenize = [
+        *common,
+        f"input_uri={resolve_uri(params['train_data_uri'], settings)}",
+        f"base_model={base_model}",
+        *tunable_args("tokenize", params),
+    ]
+    n = tokenize_shards
     return {
         "run_id": run_id,
         "model_name": params["model_name"],
         "version": version,
-        "tokenize": [
-            *common,
-            f"input_uri={resolve_uri(params['train_data_uri'], settings)}",
-            f"base_model={base_model}",
-            *tunable_args("tokenize", params),
-        ],
+        "tokenize_shards": [[*tokenize, f"num_shards={n}", f"shard_index={i}"] for i in range(n)] if n > 1 else [],
+        "tokenize": [*tokenize, f"num_shards={n}", "merge=true"] if n > 1 else tokenize,
         "train_lora": [*common, f"base_model={base_model}", *train],
         "evaluate": [
             *common,
@@ -251,6 +257,21 @@ def read_run_conf(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
             return json.load(fh)
     except FileNotFoundError:
         raise PlanError(f"{uri} does not exist: run {run_id} was planned before run confs were kept") from None
+
+
+def tokenize_shard_count(params: dict[str, Any], settings: PipelineSettings) -> int:
+    """How many tasks tokenize in parallel: the conf's ``tokenize_shards``, else one per
+    ``tokenize_shard_bytes`` of input (capped by ``max_shards``); conversations (task=sft) take one."""
+    asked = params.get("tokenize_shards") or 0
+    if (params.get("tokenize") or {}).get("task") == "sft":
+        if asked > 1:
+            raise PlanError(f"tokenize_shards={asked}: task=sft tokenizes in one task (tokenize_shards 0 or 1)")
+        return 1
+    if asked:
+        return asked
+    found = input_files(resolve_uri(params["train_data_uri"], settings))
+    size = sum(int(info.get("size") or 0) for info in found[1].values()) if found else 0
+    return shard_count(size, settings.tokenize_shard_bytes, settings.max_shards)
 
 
 def shard_count(records: int, records_per_shard: int, max_shards: int) -> int:

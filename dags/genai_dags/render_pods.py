@@ -82,10 +82,14 @@ def plan_arguments(dag_id: str, settings: PipelineSettings, conf: dict[str, Any]
     """What the DAG's plan task returns for ``conf`` (the published model is faked for batch inference)."""
     resolved = {**{k: p.value for k, p in params.items()}, **conf}
     inputs = {"render": "example"}  # no files are listed: the run id only has to be stable
-    if dag_id == "genai_finetune":
-        return planner.finetune_plan(resolved, settings, inputs)
+    if dag_id == "genai_finetune":  # as many tokenize shards as the conf asks for (0: one, no input is listed)
+        return planner.finetune_plan(resolved, settings, inputs, tokenize_shards=resolved["tokenize_shards"] or 1)
     lineage = {"base_model": settings.base_models.get("tiny-shakespeare", f"{settings.artifact_root}/base")}
     return planner.batch_plan(resolved, settings, inputs, lineage, records=resolved["records_per_shard"] * 3)
+
+
+# The plan's key of each mapped task's argument lists, where it is not the stage's name.
+MAPPED_PLAN_KEYS = {"tokenize_shard": "tokenize_shards"}
 
 
 def stage_tasks(dag: Any, settings: PipelineSettings, conf: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -96,7 +100,7 @@ def stage_tasks(dag: Any, settings: PipelineSettings, conf: dict[str, Any]) -> I
         if stage is None:
             continue
         if task.is_mapped:
-            for index, arguments in enumerate(plan[stage]):
+            for index, arguments in enumerate(plan[MAPPED_PLAN_KEYS.get(task.task_id, stage)]):
                 op = task.unmap({"arguments": arguments})
                 yield f"{task.task_id}[{index}]", op
         else:

@@ -197,6 +197,30 @@ class NotificationSettings(Section):
     slack: SlackSettings | None = Field(None, description="`conn_id`, `channel` (SlackNotifier)")
 
 
+class MonitorSettings(Section):
+    """``genai_monitor``: which model it watches, where new batches land, and what counts as drift."""
+
+    schedule: str | None = Field(
+        None, description="cron expression or preset (`@daily`) of genai_monitor; none: triggered only"
+    )
+    model_name: str = Field("", description="the model watched when the conf names none (its `champion`)")
+    data_prefix: str = Field(
+        "", description="URI under which new batches land (a file or folder each); the newest one is measured"
+    )
+    max_perplexity_ratio: float = Field(
+        1.25,
+        gt=1,
+        le=1000,
+        description="drifted when the champion's perplexity on the batch is above this times its held-out perplexity",
+    )
+    max_token_divergence: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="drifted when the Jensen-Shannon divergence (base 2) of unigram token frequencies is above this",
+    )
+
+
 class PoolPrice(Section):
     on_demand: float | None = Field(None, ge=0, description="price per unit-hour on demand")
     spot: float | None = Field(None, ge=0, description="price per unit-hour on spot capacity")
@@ -326,7 +350,12 @@ class PipelineSettings(BaseModel):
     retries: int = Field(3, ge=0, le=10, description="task retries, with exponential backoff")
     retry_delay_seconds: int = Field(60, ge=1, description="first retry delay")
     max_retry_delay_seconds: int = Field(1800, ge=1, description="longest retry delay")
-    max_shards: int = Field(16, ge=1, le=1024, description="cap on the batch-inference fan-out")
+    max_shards: int = Field(16, ge=1, le=1024, description="cap on the fan-out of batch inference and tokenization")
+    tokenize_shard_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="input bytes per tokenize task when a run conf leaves `tokenize_shards` at 0 (genai_finetune)",
+    )
     stages: dict[StageName, StageOverride] = Field(
         default_factory=dict, description="per-stage overrides of resources, time limit, image, priority class"
     )
@@ -334,6 +363,7 @@ class PipelineSettings(BaseModel):
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     docker: DockerSettings = Field(default_factory=DockerSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     costs: CostSettings = Field(default_factory=CostSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)

@@ -23,6 +23,7 @@ from __future__ import annotations
 # The folders under runs/<run_id>/ that another stage reads by default: each is its stage's name
 # (``python -m stages.<name>``).
 TOKENIZE = "tokenize"
+TOKENIZE_SHARDS = "tokenize_shards"  # tokenize with num_shards > 1: shard-<i:05d>-of-<n:05d>/ each, then merged
 TRAIN_LORA = "train_lora"
 EVALUATE = "evaluate"
 BATCH_INFER = "batch_infer"

@@ -254,6 +254,14 @@ def _rebase(uri: str, path: str, found: str) -> str:
     return f"{scheme}://{found}"
 
 
+def size(uri: str) -> int:
+    """Bytes of one file."""
+    if is_local(uri):
+        return local_path(uri).stat().st_size
+    fs, path = _fs(uri)
+    return int(with_retries("stat", uri, lambda: fs.size(path)))
+
+
 def sha256(uri: str) -> str:
     """Content hash of one file, streamed in fixed-size range reads (never the whole file in memory)."""
     if is_local(uri):
