@@ -116,7 +116,7 @@ def move_alias(
     fs, path = fsspec.core.url_to_fs(f"{model_uri(root, name)}/aliases/{alias}/{number:08d}.json")
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     try:
-        fs.pipe_file(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), mode="create")
+        create_only(fs, path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     except FileExistsError:
         current = read_alias(root, name, alias)
         raise AliasMoved(
@@ -124,6 +124,15 @@ def move_alias(
             "decided; nothing was written: decide again against the new one"
         ) from None
     return AliasRecord(number, version, record)
+
+
+def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a new file, or raise FileExistsError: atomic on every store, so two writers never both win."""
+    if "file" in fs.protocol:  # fsspec's local create mode checks, then writes: O_EXCL is the atomic form
+        with open(path, "xb") as fh:
+            fh.write(data)
+    else:  # conditional PUTs: S3 If-None-Match, GCS ifGenerationMatch=0, Azure If-None-Match
+        fs.pipe_file(path, data, mode="create")
 
 
 def write_decision(root: str, name: str, version: str, decision: dict[str, Any]) -> dict[str, Any]:
