@@ -130,6 +130,14 @@ def test_the_plan_task_runs_first(local_dags, dag_id):
     assert {t.task_id for t in dag.tasks if not t.upstream_task_ids} == {"plan"}
 
 
+def test_genai_monitor_runs_on_the_platforms_schedule_for_the_platforms_model(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("monitor: {schedule: '0 6 * * 1', model_name: folio, data_prefix: /data/incoming}\n")
+    dag = load_dags(path)["genai_monitor"]
+    assert dag.timetable.can_be_scheduled and dag.schedule == "0 6 * * 1"
+    assert dag.params["model_name"] == "folio" and dag.params["data_uri"] is None  # a scheduled run has no conf
+
+
 def test_finetune_runs_the_stages_in_order(local_dags):
     dag = local_dags["genai_finetune"]
     order = ["plan", "tokenize", "train_lora", "evaluate", "quality_gate", "batch_infer", "publish", "promote"]
@@ -478,6 +486,17 @@ BAD_CONFIGS = [
         "notifications: {smtp: {conn_id: smtp_default}}\n",
         "notifications.smtp.to: Field required",
     ),
+    (
+        "drift-ratio-of-one",
+        "monitor: {max_perplexity_ratio: 1}\n",
+        "monitor.max_perplexity_ratio: Input should be greater than 1",
+    ),
+    (
+        "divergence-above-one",
+        "monitor: {max_token_divergence: 1.5}\n",
+        "monitor.max_token_divergence: Input should be less than or equal to 1",
+    ),
+    ("bad-schedule", "monitor: {schedule: sometimes}\n", "monitor.schedule: Value error, 'sometimes' is neither"),
     ("not-a-mapping", "- runtime: local\n", "must be a mapping"),
     ("invalid-yaml", "runtime: [local\n", "not valid YAML"),
 ]

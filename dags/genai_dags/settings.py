@@ -197,6 +197,9 @@ class NotificationSettings(Section):
     slack: SlackSettings | None = Field(None, description="`conn_id`, `channel` (SlackNotifier)")
 
 
+CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z?LW#]+$")
+
+
 class MonitorSettings(Section):
     """``genai_monitor``: which model it watches, where new batches land, and what counts as drift."""
 
@@ -219,6 +222,15 @@ class MonitorSettings(Section):
         le=1,
         description="drifted when the Jensen-Shannon divergence (base 2) of unigram token frequencies is above this",
     )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_or_preset(cls, value: str | None) -> str | None:
+        presets = ("@hourly", "@daily", "@weekly", "@monthly", "@yearly")
+        fields = (value or "").split()
+        if value is None or value in presets or (len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields)):
+            return value
+        raise ValueError(f"{value!r} is neither a preset ({', '.join(presets)}) nor a 5-field cron expression")
 
 
 class PoolPrice(Section):
