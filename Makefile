@@ -218,30 +218,38 @@ trigger:
 	PYTHONPATH=dags $(PYTHON) -m genai_dags.trigger "$(CONF)" --dag "$(DAG)" --url "$(AIRFLOW_URL)" $(if $(WAIT),--wait)
 
 # ---- Benchmarks (bench/; the table goes to docs/benchmarks.md) ----
-#   make bench          every stage vs its baseline, side by side, on CPU (under 10 minutes on 2 cores)
+#   make bench          every stage vs its baseline, side by side, on CPU (about 15 minutes on 2 cores)
 #   make bench-quick    the same machinery at toy sizes (a smoke test; the numbers mean nothing)
-#   make bench-clean    forget the cached bench models and data (artifacts/bench) and lm-eval
+#   make bench-clean    forget the cached bench models and data (artifacts/bench), lm-eval and TRL
 # The GPU benchmark is one script for a GPU machine: python bench/gpu_lora_mfu.py (see docs/benchmarks.md).
-# lm-evaluation-harness (the evaluate row's baseline) and the packages it adds go to build/bench-lm-eval
-# (pip --target --no-deps, pinned in bench/requirements-lm-eval.txt), beside the venv and never in it:
+# lm-evaluation-harness (the evaluate row's baseline) and the packages it adds go to build/bench-lm-eval,
+# TRL (the SFT rows' baseline) to build/bench-trl (pip --target --no-deps, pinned in
+# bench/requirements-lm-eval.txt and bench/requirements-trl.txt), beside the venv and never in it:
 # `make test` sees exactly the project's own dependencies.
 .PHONY: bench bench-quick bench-clean
 BENCH_SITE := build/bench-lm-eval
 BENCH_STAMP := $(BENCH_SITE)/.installed
+BENCH_TRL_SITE := build/bench-trl
+BENCH_TRL_STAMP := $(BENCH_TRL_SITE)/.installed
 
 $(BENCH_STAMP): bench/requirements-lm-eval.txt $(VENV)/.installed
 	rm -rf $(BENCH_SITE)
 	$(PY) -m pip install --quiet --no-deps --target $(BENCH_SITE) -r bench/requirements-lm-eval.txt
 	touch $@
 
-bench: install $(BENCH_STAMP)
+$(BENCH_TRL_STAMP): bench/requirements-trl.txt $(VENV)/.installed
+	rm -rf $(BENCH_TRL_SITE)
+	$(PY) -m pip install --quiet --no-deps --target $(BENCH_TRL_SITE) -r bench/requirements-trl.txt
+	touch $@
+
+bench: install $(BENCH_STAMP) $(BENCH_TRL_STAMP)
 	$(PY) -m bench.run
 
-bench-quick: install $(BENCH_STAMP)
+bench-quick: install $(BENCH_STAMP) $(BENCH_TRL_STAMP)
 	$(PY) -m bench.run --quick
 
 bench-clean:
-	rm -rf artifacts/bench $(BENCH_SITE)
+	rm -rf artifacts/bench $(BENCH_SITE) $(BENCH_TRL_SITE)
 
 # ---- Images (images/; README.md "Images" shows ECR, Artifact Registry and ACR) ----
 #   make build-images                       every image, tagged with the git revision and `latest`

@@ -31,6 +31,8 @@ WORK = BENCH_ROOT / "work"  # artifact_root of the measured stage runs (each run
 FIXTURES = BENCH_ROOT / "fixtures"  # artifact_root of the shared inputs (tokenized data, an adapter), cached
 # lm-evaluation-harness and its extra dependencies, installed by `make bench` beside (not into) the venv.
 LM_EVAL_SITE = ROOT / "build" / "bench-lm-eval"
+# TRL, the SFT rows' baseline, installed the same way (bench/requirements-trl.txt).
+TRL_SITE = ROOT / "build" / "bench-trl"
 
 TINY_BASE = FIXTURES / "runs" / "base-tiny" / "base_model" / "model"
 LLAMA_20M = MODELS / "llama-20m"
@@ -96,6 +98,104 @@ def prompts(count: int) -> Path:
         DATA.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        tmp.rename(target)
+    return target
+
+
+# ChatML, as the base_model stage gives the tiny tokenizer (stages.core.chat.CHATML), with the assistant's
+# content and its <|im_end|> inside {% generation %}: the text it renders is the same character for character
+# (the tag renders its body); transformers' return_assistant_tokens_mask, which TRL's assistant_only_loss
+# uses, needs the tag to find the assistant's tokens. Both sides of the SFT rows render with this file.
+# (The newline after a turn is an expression: transformers renders with trim_blocks, which would drop a
+# newline written right after a block tag.)
+SFT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ message['content'] }}<|im_end|>{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SFT_SPEAKER = re.compile(r"^[A-Z][A-Za-z]*(?: [A-Z][A-Za-z]*)?\.$")  # "Hor.", "First Sol."
+# Content characters per conversation are drawn from this range: with the tiny model's BPE (about 3.5
+# characters a token) and the markup, the longest stays under 256 tokens, so no side drops or cuts one.
+SFT_CHARS = (100, 540)
+SFT_LINES, SFT_SPEECH_CHARS = 2, 160
+SFT_BLOCK = 256  # block size (ours) and max_length (TRL): the 20M model's whole context
+
+
+def _sft_version() -> str:
+    """Part of the cached SFT data's names: a change to how it is made makes new files, never reuses old ones."""
+    import hashlib
+
+    made_by = (SFT_TEMPLATE, SFT_SPEAKER.pattern, SFT_CHARS, SFT_LINES, SFT_SPEECH_CHARS, SFT_BLOCK)
+    return hashlib.sha256(repr(made_by).encode()).hexdigest()[:8]
+
+
+def sft_template() -> Path:
+    target = DATA / f"chatml-generation-{_sft_version()}.jinja"
+    if not target.exists():
+        DATA.mkdir(parents=True, exist_ok=True)
+        target.write_text(SFT_TEMPLATE, encoding="utf-8")
+    return target
+
+
+def _scenes() -> list[tuple[str, list[tuple[str, str]]]]:
+    """(play title, consecutive speeches) of every run of speeches in the modern-spelling plays; a block that
+    is not a speech (a stage direction, a scene heading) ends a run. A speech keeps its first few lines."""
+    scenes = []
+    for path in sorted(texts_dir().glob("*_gut.txt")):
+        title = path.stem.removesuffix("_gut").replace("_", " ").title()
+        run: list[tuple[str, str]] = []
+        for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace")):
+            lines = [line.strip() for line in block.strip().splitlines()]
+            speech = [line for line in lines[1:] if line and not line.startswith("[")][:SFT_LINES]
+            if len(lines) >= 2 and SFT_SPEAKER.match(lines[0]) and speech:
+                run.append((lines[0].rstrip("."), "\n".join(speech)[:SFT_SPEECH_CHARS]))
+            elif run:
+                if len(run) >= 2:
+                    scenes.append((title, run))
+                run = []
+        if len(run) >= 2:
+            scenes.append((title, run))
+    return scenes
+
+
+def sft_conversations(count: int) -> Path:
+    """``count`` distinct multi-turn conversations (``{"messages": [...]}``), one per line: a passage of a scene
+    played as a chat, the user speaking one speech, the assistant the next, for 1 to 4 exchanges, half of
+    them with a system turn that names the assistant's part. Lengths vary (SFT_CHARS), as real chat data's do.
+    Deterministic, and a smaller count is a prefix of a larger one."""
+    import random
+
+    target = DATA / f"sft-{count}-{_sft_version()}.jsonl"
+    if not target.exists():
+        scenes = _scenes()
+        starts = [(s, i) for s, (_, run) in enumerate(scenes) for i in range(len(run) - 1)]
+        rng = random.Random(0)
+        records, seen = [], set()
+        while len(records) < count:
+            s, i = rng.choice(starts)
+            title, run = scenes[s]
+            budget = rng.randint(*SFT_CHARS)
+            turns: list[dict[str, str]] = []
+            if rng.random() < 0.5:
+                turns.append({"role": "system", "content": f"You are {run[i + 1][0]} in {title}. Answer in verse."})
+            used = sum(len(t["content"]) for t in turns)
+            for _ in range(rng.randint(1, 4)):
+                if i + 1 >= len(run):
+                    break
+                pair = run[i][1], run[i + 1][1]
+                if turns and turns[-1]["role"] == "assistant" and used + len(pair[0]) + len(pair[1]) > budget:
+                    break
+                turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+                used += len(pair[0]) + len(pair[1])
+                i += 2
+            key = json.dumps(turns, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                records.append({"messages": turns})
+        DATA.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         tmp.rename(target)
     return target
 
@@ -281,6 +381,20 @@ def ensure_fixtures() -> dict[str, Path]:
         "llama_20m_data": llama_data,
         "llama_20m_adapter": llama_adapter,
     }
+
+
+def ensure_sft_fixture(base_model: Path, count: int) -> Path:
+    """``count`` SFT conversations tokenized for ``base_model`` by the tokenize stage (task=sft, packed blocks
+    of SFT_BLOCK tokens): what the SFT train_lora row trains on."""
+    args = [
+        f"input_uri={sft_conversations(count)}",
+        f"base_model={base_model}",
+        "task=sft",
+        f"chat_template={sft_template()}",
+        f"block_size={SFT_BLOCK}",
+    ]
+    run_id = f"sft-{base_model.name}-{count}-{_sft_version()}"
+    return cached_stage("tokenize", args, run_id, f"fixture-tokenize-sft-{count}")
 
 
 def parameter_count(model_dir: Path) -> int:

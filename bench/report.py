@@ -31,9 +31,11 @@ def generated(info: dict[str, Any], results: dict[str, Any], table: str, scaling
         ),
         "",
         f"Models: ~{info['llama_20m_parameters'] / 1e6:.0f}M-parameter Llama-style (6 layers x 512, vocab 2048, "
-        f"context 256, random init) for train_lora, batch_infer and evaluate; the demo's "
+        f"context 256, random init) for train_lora (both rows), batch_infer and evaluate; the demo's "
         f"{info['tiny_parameters'] / 1e6:.1f}M-parameter base model (pretrained by the base_model stage) for "
-        "tokenize's tokenizer, the pipeline and the train_lora scaling run. Rates are tokens per second.",
+        "tokenize's tokenizer (the 20M model has the same one), the pipeline and the train_lora scaling run. "
+        "Rates are tokens per second; the SFT rows' training rate counts the tokens that carry loss (the "
+        "assistant's).",
         "",
         table,
         "",

@@ -2,11 +2,13 @@
 
     make bench                                   # installs what it needs, then: python -m bench.run
     python -m bench.run --only tokenize,evaluate # some rows (the doc is written only by a full run)
-    python -m bench.run --quick                  # toy sizes: a smoke test of the machinery (~3 min)
+    python -m bench.run --quick                  # toy sizes: a smoke test of the machinery (~5 min)
 
 CPU only (2 cores are enough). Each side of each comparison runs in its own process (bench/common.py);
 the shared inputs (a tiny base model made by the base_model stage, a ~20M-parameter Llama-style model
-built from a config, tokenized First Folio text, a LoRA adapter) are made once under artifacts/bench/.
+built from a config, tokenized First Folio text, a LoRA adapter, multi-turn SFT conversations) are made
+once under artifacts/bench/. The baselines that are not project dependencies (lm-evaluation-harness, TRL)
+are installed by `make bench` into build/, beside the venv.
 The GPU measurement is a separate script: bench/gpu_lora_mfu.py.
 """
 
@@ -23,24 +25,30 @@ from pathlib import Path
 from typing import Any
 
 from bench import bench_pipeline
+from bench.bench_train_lora_sft import LORA as SFT_LORA
 from bench.common import (
     BENCH_ROOT,
     DATA,
     LM_EVAL_SITE,
     LOGS,
     ROOT,
+    SFT_BLOCK,
+    TRL_SITE,
     WORK,
     corpus,
     ensure_fixtures,
+    ensure_sft_fixture,
     load_average,
     machine,
     parameter_count,
     prompts,
     run_side,
+    sft_conversations,
+    sft_template,
     texts_dir,
 )
 
-ROWS = ("tokenize", "train_lora", "batch_infer", "evaluate", "pipeline")
+ROWS = ("tokenize", "tokenize_sft", "train_lora", "train_lora_sft", "batch_infer", "evaluate", "pipeline")
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = BENCH_ROOT / "results.json"
 
@@ -57,6 +65,10 @@ FULL = {
     "eval_docs": 100,
     "eval_repeats": 2,
     "eval_scaling_docs": (40, 400),
+    "sft_conversations": 4000,  # multi-turn `messages` records (bench.common.sft_conversations)
+    "sft_train_steps": 20,
+    "sft_warmup_steps": 3,  # steps left out of the SFT training rate, on every side
+    "sft_repeats": 3,
 }
 QUICK = {
     "tokenize_scale": 1,
@@ -70,7 +82,12 @@ QUICK = {
     "eval_docs": 10,
     "eval_repeats": 1,
     "eval_scaling_docs": (10, 100),
+    "sft_conversations": 200,
+    "sft_train_steps": 3,
+    "sft_warmup_steps": 1,
+    "sft_repeats": 1,
 }
+SFT_BATCH = 4  # packed blocks of SFT_BLOCK tokens per optimizer step (ours, and TRL with packing)
 
 
 def log(message: str) -> None:
@@ -166,6 +183,76 @@ def tokenize_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, 
     }
 
 
+def tokenize_sft_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, Any]:
+    n = sizes["sft_conversations"]
+    params = {
+        "conversations": str(sft_conversations(n)),
+        "template": str(sft_template()),
+        "base_model": str(fixtures["llama_20m"]),
+        "block_size": SFT_BLOCK,
+    }
+    sides = interleaved(
+        "tokenize_sft",
+        {
+            "ours": ("ours", {**params, "run_id": "tokenize-sft"}, {}),
+            "trl": ("trl", params, {"extra_pythonpath": [TRL_SITE]}),
+        },
+        sizes["repeats"],
+    )
+    sides["ours_own_template"] = side(
+        "tokenize_sft", "ours", {**params, "template": "", "run_id": "tokenize-sft-own"}, "ours-own-template"
+    )
+    ours, trl, own = sides["ours"], sides["trl"], sides["ours_own_template"]
+    same = (
+        ours["tokens"] == trl["tokens"] == own["tokens"]
+        and ours["loss_tokens"] == trl["loss_tokens"] == own["loss_tokens"]
+        and trl["same_text_as_own_template"]
+    )
+    metrics = ours["stage_metrics"]
+    records = [json.loads(line) for line in Path(params["conversations"]).read_text().splitlines()]
+    turns = [sum(t["role"] == "assistant" for t in r["messages"]) for r in records]
+    what = (
+        f"{n:,} conversations, {ours['tokens']:,} tokens, {ours['loss_tokens']:,} with loss "
+        f"({'the same on both sides' if same else 'sides differ'})"
+    )
+    return {
+        "sides": sides,
+        "comparisons": [
+            comparison(
+                "tokenize (sft)",
+                "tokens/s end to end",
+                ours,
+                trl,
+                f"TRL {trl['trl_version']} `SFTTrainer` dataset preparation",
+                2.0,
+                what,
+                extra_ok=same,
+            )
+        ],
+        "scaling": None,
+        "notes": [
+            f"Input: {n:,} multi-turn `messages` records made from the plays' scenes "
+            "(`bench.common.sft_conversations`: the user speaks one speech, the assistant the next; "
+            f"{statistics.mean(turns):.2f} assistant turns per conversation on average, 1 to 4, half with a "
+            "system turn); the 20M model's tokenizer; block / `max_length` "
+            f"{SFT_BLOCK}, packed on both sides (best-fit decreasing). Template: one Jinja file on both sides "
+            "(`chat_template=<file>` for ours, `tokenizer.chat_template` for TRL), the tokenizer's own ChatML "
+            "with each assistant turn inside `{% generation %}`, which TRL's `assistant_only_loss` needs; it "
+            "renders every conversation exactly as the tokenizer's own template does "
+            f"({'checked' if trl['same_text_as_own_template'] else '**not so: check failed**'}).",
+            f"Ours: read, check, deduplicate, render, label, split 90/10, pack into {metrics['train_blocks']:,} + "
+            f"{metrics['validation_blocks']:,} blocks ({metrics['padding_share']:.1%} padding) and write them, the "
+            "validation conversations and the template. TRL: `load_dataset('json')` and "
+            "`SFTTrainer._prepare_dataset` (`assistant_only_loss=True`, `packing=True`, `dataset_num_proc` unset: "
+            f"one process, its default) into {trl['blocks']:,} rows ({trl['padding_share']:.1%} padding); "
+            "`datasets` writes each step's result to its cache (a fresh folder per run, so nothing is reused); "
+            f"no split. Tokens {ours['tokens']:,} vs {trl['tokens']:,}, loss tokens {ours['loss_tokens']:,} vs "
+            f"{trl['loss_tokens']:,}. Ours with the tokenizer's own template (no `{{% generation %}}` tags, "
+            f"`chat_template` unset, one run): {own['tokens_per_second']:,.0f} tokens/s.",
+        ],
+    }
+
+
 def train_lora_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, Any]:
     steps = sizes["train_steps"]
     base = {"base_model": str(fixtures["llama_20m"]), "dataset_uri": str(fixtures["llama_20m_data"]), "batch_size": 8}
@@ -214,6 +301,97 @@ def train_lora_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str
             f"the longest) would have made {ours['padded_per_document_waste']:.0%} of the batch padding.",
             f"Loss over the {steps} steps: ours {ours['first_loss']:.3f} -> {ours['final_loss']:.3f}, Trainer "
             f"{_fmt(sides['trainer']['first_loss'])} -> {_fmt(sides['trainer']['final_loss'])}.",
+        ],
+    }
+
+
+def train_lora_sft_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, Any]:
+    n, steps, warmup = sizes["sft_conversations"], sizes["sft_train_steps"], sizes["sft_warmup_steps"]
+    data = ensure_sft_fixture(fixtures["llama_20m"], n)
+    prepared = json.loads((data / "manifest.json").read_text())["metrics"]
+    examples_per_block = prepared["train_examples"] / prepared["train_blocks"]
+    rows_unpacked = round(SFT_BATCH * examples_per_block)
+    base = {
+        "base_model": str(fixtures["llama_20m"]),
+        "dataset_uri": str(data),
+        "conversations": str(sft_conversations(n)),
+        "template": str(sft_template()),
+        "block_size": SFT_BLOCK,
+        "steps": steps,
+        "warmup": warmup,
+    }
+    trl_site = {"extra_pythonpath": [TRL_SITE]}
+    sides = interleaved(
+        "train_lora_sft",
+        {
+            "ours": ("ours", {**base, "batch_size": SFT_BATCH, "run_id": "train-sft-ours"}, {}),
+            "trl": (
+                "trl",
+                {**base, "packing": False, "rows_per_step": rows_unpacked, "run_id": "train-sft-trl"},
+                trl_site,
+            ),
+            "trl_packed": (
+                "trl",
+                {**base, "packing": True, "rows_per_step": SFT_BATCH, "run_id": "train-sft-trl-packed"},
+                trl_site,
+            ),
+        },
+        sizes["sft_repeats"],
+    )
+    ours, unpacked, packed = sides["ours"], sides["trl"], sides["trl_packed"]
+    version = unpacked["trl_version"]
+    timed = steps - warmup
+    what = f"{timed} of {steps} steps timed; {SFT_BATCH} x {SFT_BLOCK}-token blocks per step (ours)"
+
+    def per_step(side: dict[str, Any]) -> str:
+        steps_timed = side["timed_steps"]
+        return f"{side['tokens'] / steps_timed:,.0f} loss tokens in {side['slot_tokens'] / steps_timed:,.0f} slots"
+
+    return {
+        "sides": sides,
+        "comparisons": [
+            comparison(
+                "train_lora (sft)",
+                "assistant tokens trained/s",
+                ours,
+                unpacked,
+                f"TRL {version} `SFTTrainer` + PEFT, `packing=False`",
+                1.3,
+                what + f", {rows_unpacked} conversations per step (TRL)",
+            ),
+            comparison(
+                "train_lora (sft)",
+                "assistant tokens trained/s",
+                ours,
+                packed,
+                f"TRL {version} `SFTTrainer` + PEFT, `packing=True`",
+                1.0,
+                what + f", {SFT_BATCH} packed rows per step, padding-free (TRL)",
+            ),
+        ],
+        "scaling": None,
+        "notes": [
+            f"Model: the 20M model, fp32, LoRA r={SFT_LORA['rank']} alpha {SFT_LORA['alpha']:g} dropout "
+            f"{SFT_LORA['dropout']:g} on every linear projection "
+            f"({ours['trainable_parameters']:,} trainable parameters), learning rate 5e-4, cosine, 10 warmup "
+            "steps, clipping 1.0, seed 0, on every side; TRL with `assistant_only_loss=True`, `bf16=False` and "
+            "`gradient_checkpointing=False` (its defaults are bf16 and checkpointing on; ours on a CPU is fp32 "
+            f"without), `max_length={SFT_BLOCK}`. Data: the train split of the tokenize_sft conversations "
+            f"({prepared['train_examples']:,} conversations; ours packed them into {prepared['train_blocks']:,} "
+            f"blocks, {examples_per_block:.2f} per block, {prepared['padding_share']:.1%} padding).",
+            f"Rate: loss tokens (labels that are not -100 after the shift) of each step counted from the batch "
+            f"the model got, over the time from the end of step {warmup} to the end of step {steps}, so the first "
+            f"{warmup} are left out on every side. Per timed step: ours {per_step(ours)}; TRL unpacked "
+            f"{per_step(unpacked)} ({unpacked['padding_share']:.0%} padding); TRL packed {per_step(packed)}. "
+            f"The stage's own rate over the whole loop (first step and adapter save included): "
+            f"{ours['stage_loss_tokens_per_second']:,.0f} loss tokens/s. Loss tokens over the timed steps divided "
+            "by the median step time times their number (which steps slowed by other work on the machine barely "
+            f"move): ours {ours['median_step_tokens_per_second']:,.0f}, TRL unpacked "
+            f"{unpacked['median_step_tokens_per_second']:,.0f}, TRL packed "
+            f"{packed['median_step_tokens_per_second']:,.0f}.",
+            f"Loss over the {steps} steps: ours {_fmt(ours['first_loss'])} -> {_fmt(ours['final_loss'])}, TRL "
+            f"unpacked {_fmt(unpacked['first_loss'])} -> {_fmt(unpacked['final_loss'])}, TRL packed "
+            f"{_fmt(packed['first_loss'])} -> {_fmt(packed['final_loss'])}.",
         ],
     }
 
@@ -480,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {
         "tokenize": tokenize_row,
+        "tokenize_sft": tokenize_sft_row,
         "train_lora": train_lora_row,
+        "train_lora_sft": train_lora_sft_row,
         "batch_infer": batch_infer_row,
         "evaluate": evaluate_row,
         "pipeline": pipeline_row,
