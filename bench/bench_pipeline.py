@@ -100,7 +100,7 @@ def plain(params: dict[str, Any]) -> dict[str, Any]:
     from genai_dags.settings import load_file
 
     settings = load_file(params["config"])
-    plan = planner.finetune_plan(params["conf"], settings, identity={})
+    plan = planner.finetune_plan(params["conf"], settings, inputs={})
     stage_seconds = {}
     for stage in ("tokenize", "train_lora", "evaluate", "batch_infer", "publish"):
         t = time.perf_counter()
