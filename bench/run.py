@@ -48,7 +48,16 @@ from bench.common import (
     texts_dir,
 )
 
-ROWS = ("tokenize", "tokenize_sft", "train_lora", "train_lora_sft", "batch_infer", "evaluate", "pipeline")
+ROWS = (
+    "tokenize",
+    "tokenize_sft",
+    "tokenize_sharded",
+    "train_lora",
+    "train_lora_sft",
+    "batch_infer",
+    "evaluate",
+    "pipeline",
+)
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = BENCH_ROOT / "results.json"
 
@@ -69,6 +78,8 @@ FULL = {
     "sft_train_steps": 20,
     "sft_warmup_steps": 3,  # steps left out of the SFT training rate, on every side
     "sft_repeats": 3,
+    "sharded_mb": 200,  # one JSONL file: one tokenize task against 2 shard tasks and the merge
+    "sharded_big_mb": 1000,  # 4 shard tasks and the merge: each task's peak memory
 }
 QUICK = {
     "tokenize_scale": 1,
@@ -86,6 +97,8 @@ QUICK = {
     "sft_train_steps": 3,
     "sft_warmup_steps": 1,
     "sft_repeats": 1,
+    "sharded_mb": 5,
+    "sharded_big_mb": 0,
 }
 SFT_BATCH = 4  # packed blocks of SFT_BLOCK tokens per optimizer step (ours, and TRL with packing)
 
@@ -527,6 +540,51 @@ def evaluate_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, 
     }
 
 
+def tokenize_sharded_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, Any]:
+    from bench import bench_tokenize_sharded
+
+    m = bench_tokenize_sharded.measure(sizes["sharded_mb"], 2, sizes["sharded_big_mb"], 4)
+    one, two = m["one_task"], m["2_shards"]
+    rate = {"one": m["tokens"] / one["seconds"], "two": m["tokens"] / two["seconds"]}
+    notes = [
+        f"Input: one JSONL file of {m['corpus_mb']:,} MB ({two['docs']:,} distinct documents, {m['tokens']:,} "
+        "tokens; `bench.bench_tokenize_sharded`), cut by byte ranges. Shards: "
+        f"{' / '.join(f'{x} s' for x in two['shard_seconds'])} side by side "
+        f"(peak {' / '.join(f'{x} MiB' for x in two['shard_peak_rss_mib'])}), then the merge {two['merge_seconds']} s "
+        f"(peak {two['merge_peak_rss_mib']} MiB); the merged dataset "
+        f"{'equals' if m['merged_equals_one_task'] else '**differs from**'} the one task's, byte for byte. "
+        f"On {m['cores']} cores both shards share the cores the one task's tokenizer already fills; on a "
+        "cluster each shard is a pod on its own node.",
+    ]
+    if "big" in m:
+        big = m["big"]
+        notes.append(
+            f"{big['corpus_mb']:,} MB ({big['tokens']:,} tokens) in {big['shards']} shards, 2 at a time: "
+            f"{big['seconds']:.0f} s; peak memory per shard task "
+            f"{' / '.join(f'{x} MiB' for x in big['shard_peak_rss_mib'])}, merge {big['merge_peak_rss_mib']} MiB."
+        )
+    return {
+        "sides": {},
+        "comparisons": [
+            {
+                "row": "tokenize (sharded)",
+                "measure": "tokens/s, wall time of the whole tokenize",
+                "ours": f"{rate['two']:,.0f}",
+                "baseline_name": "one task",
+                "baseline": f"{rate['one']:,.0f}",
+                "ratio": f"{rate['two'] / rate['one']:.2f}x",
+                "ratio_value": rate["two"] / rate["one"],
+                "target": "report",
+                "met": None if m["merged_equals_one_task"] else False,
+                "rss": f"{max(two['shard_peak_rss_mib'] + [two['merge_peak_rss_mib']]):,} / {one['peak_rss_mib']:,}",
+                "what": f"2 shard tasks + merge vs 1 task, {m['corpus_mb']:,} MB of JSONL",
+            }
+        ],
+        "scaling": None,
+        "notes": notes,
+    }
+
+
 def pipeline_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, Any]:
     config = bench_pipeline.write_config(fixtures["tiny_base"])
     data = DATA / "folio"
@@ -606,6 +664,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
+MET = {None: "-", False: "**no**"}  # a row measured for the record (None) has no target to meet
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| stage | measure | ours | baseline | ratio | target | met | peak RSS MB ours / baseline | run |",
@@ -617,7 +678,7 @@ def table(results: dict[str, Any]) -> str:
         for c in results[row]["comparisons"]:
             lines.append(
                 f"| {c['row']} | {c['measure']} | {c['ours']} | {c['baseline']} ({c['baseline_name']}) | "
-                f"**{c['ratio']}** | {c['target']} | {'yes' if c['met'] else '**no**'} | {c['rss']} | {c['what']} |"
+                f"**{c['ratio']}** | {c['target']} | {MET.get(c['met'], 'yes')} | {c['rss']} | {c['what']} |"
             )
     return "\n".join(lines)
 
@@ -659,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {
         "tokenize": tokenize_row,
         "tokenize_sft": tokenize_sft_row,
+        "tokenize_sharded": tokenize_sharded_row,
         "train_lora": train_lora_row,
         "train_lora_sft": train_lora_sft_row,
         "batch_infer": batch_infer_row,

@@ -363,8 +363,10 @@ class PipelineSettings(BaseModel):
     retry_delay_seconds: int = Field(60, ge=1, description="first retry delay")
     max_retry_delay_seconds: int = Field(1800, ge=1, description="longest retry delay")
     max_shards: int = Field(16, ge=1, le=1024, description="cap on the fan-out of batch inference and tokenization")
+    # A shard task holds its slice's documents and tokens: about 8 bytes of memory per byte of JSONL measured
+    # (bench/bench_tokenize_sharded.py), so 256 MiB slices stay near 2 GiB, well inside tokenize's 8Gi.
     tokenize_shard_bytes: int = Field(
-        1 << 30,
+        256 << 20,
         ge=1 << 20,
         description="input bytes per tokenize task when a run conf leaves `tokenize_shards` at 0 (genai_finetune)",
     )
