@@ -506,6 +506,8 @@ class LoRARecipe:
             }
             if self.device.type == "cuda":
                 values["genai_train_gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+                if (busy := telemetry.gpu_utilization(self.device)) is not None:
+                    values["genai_train_gpu_utilization_percent"] = busy
             telemetry.push(telemetry.labels(layout.TRAIN_LORA, self.config), values)
 
     # -- saving ----------------------------------------------------------------------------------

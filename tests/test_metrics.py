@@ -206,6 +206,15 @@ def test_the_dashboard_graphs_only_series_the_stages_push():
     assert {"genai_train_loss", "genai_train_tokens_per_second", "genai_run_cost"} <= names
 
 
+def test_gpu_utilisation_is_left_out_where_nvml_cannot_tell_it():
+    import torch
+
+    from stages.core import telemetry
+
+    # No NVML here (no driver; nvidia-ml-py only in the CUDA images): no value, and no exception for the trainer.
+    assert telemetry.gpu_utilization(torch.device("cuda", 0)) is None
+
+
 def test_nothing_is_sent_without_an_endpoint(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("no endpoint configured: nothing may be sent")

@@ -12,7 +12,8 @@ Series (gauges; units in the names; ``docs/grafana/genai-stages.json`` graphs th
 
 - train_lora, every ``log_every`` steps and at the last: ``genai_train_loss``,
   ``genai_train_learning_rate``, ``genai_train_tokens_per_second``, ``genai_train_step_seconds``,
-  ``genai_train_step`` (and ``genai_train_gpu_memory_peak_bytes`` on a GPU);
+  ``genai_train_step`` (and ``genai_train_gpu_memory_peak_bytes`` and ``genai_train_gpu_utilization_percent``
+  on a GPU);
 - every stage, at the end of each attempt (the runner): ``genai_stage_duration_seconds{status=...}``
   (the attempt's wall time; ``status`` is how it ended), and when it did work,
   ``genai_stage_tokens_per_second`` (tokenize, train_lora, evaluate, batch_infer);
@@ -53,6 +54,8 @@ SERIES = {
     "genai_train_tokens_per_second": "train_lora: trained tokens per second since the attempt started",
     "genai_train_step_seconds": "train_lora: wall seconds of the last step",
     "genai_train_gpu_memory_peak_bytes": "train_lora: peak GPU memory allocated by the trainer (GPU only)",
+    "genai_train_gpu_utilization_percent": "train_lora: the GPU's busy time over the last sample period, per NVML "
+    "(GPU only, where nvidia-ml-py is installed: the CUDA images)",
     "genai_stage_duration_seconds": "every stage: the attempt's wall seconds, labelled with how it ended",
     "genai_stage_tokens_per_second": "tokenize, train_lora, evaluate, batch_infer: tokens per second of the work",
     "genai_run_cost": "publish: what every attempt of the run cost, in the price table's currency",
@@ -61,6 +64,17 @@ SERIES = {
 }
 
 _state = {"warned": False, "skip_until": 0.0}
+
+
+def gpu_utilization(device: Any) -> float | None:
+    """The GPU's utilisation in percent as NVML reports it; None where NVML is not there (no nvidia-ml-py, no
+    driver): a metric, never a reason to fail."""
+    import torch
+
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # ModuleNotFoundError without pynvml, NVML errors without a driver
+        return None
 
 
 def labels(stage: str, config: Any) -> dict[str, str]:
