@@ -1053,8 +1053,8 @@ def tokenize_sft(config: TokenizeConfig, run: StageRun, tokenizer: Any, context:
 
     def examples(order: np.ndarray) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
         done, kept = [], []
-        for i in order.tolist():
-            ids, labels = renderer.example(conversations[i])
+        rendered = renderer.examples([conversations[i] for i in order.tolist()])
+        for i, (ids, labels) in zip(order.tolist(), rendered, strict=True):
             if len(ids) > config.block_size:
                 if not config.truncation or all(x == chat.IGNORE for x in labels[: config.block_size]):
                     counts["too_long"] += 1

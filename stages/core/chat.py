@@ -146,6 +146,9 @@ def is_template_uri(value: str) -> bool:
     return bool(value) and value not in BUILTIN_TEMPLATES
 
 
+ENCODE_BATCH = 1024  # conversations per tokenizer call in Renderer.examples
+
+
 class Renderer:
     """Renders conversations with one template and tokenizer, and labels the assistant's tokens."""
 
@@ -206,7 +209,7 @@ class Renderer:
                     f"rendered conversation (rendered: {shown(full)})"
                 )
             end = start + len(content)
-            through = self.text(turns[: i + 1])
+            through = full if i == len(turns) - 1 else self.text(turns[: i + 1])
             closing = _common_prefix(full[end:], through[end:]) if through[:end] == full[:end] else ""
             spans.append((start, end, end + len(closing.rstrip())))
             position = end
@@ -215,7 +218,22 @@ class Renderer:
     def example(self, turns: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """Token ids and labels of one conversation (checked with check_trainable first)."""
         full = self.text(turns)
-        encoded = self.encode(full)
+        return self._labelled(turns, full, self.encode(full))
+
+    def examples(self, conversations: list[list[dict[str, str]]]) -> list[tuple[list[int], list[int]]]:
+        """``[example(turns) for turns in conversations]``, with one tokenizer call per batch of conversations
+        (the Rust tokenizer spreads a batch over the cores) instead of one per conversation."""
+        done = []
+        for at in range(0, len(conversations), ENCODE_BATCH):
+            batch = conversations[at : at + ENCODE_BATCH]
+            texts = [self.text(turns) for turns in batch]
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            for k, (turns, full) in enumerate(zip(batch, texts, strict=True)):
+                one = {"input_ids": encoded["input_ids"][k], "offset_mapping": encoded["offset_mapping"][k]}
+                done.append(self._labelled(turns, full, one))
+        return done
+
+    def _labelled(self, turns: list[dict[str, str]], full: str, encoded: dict[str, Any]) -> tuple[list[int], list[int]]:
         ids = encoded["input_ids"]
         if self.train_on == "all":
             labels = list(ids)
