@@ -73,7 +73,6 @@ def genai_finetune() -> None:
             champion, champion_note = planner.champion_to_compare(conf, SETTINGS, version)
             shards = planner.tokenize_shard_count(conf, SETTINGS)
             result = planner.finetune_plan(conf, SETTINGS, inputs, memory, champion, shards)
-            planner.write_run_conf(SETTINGS, result["run_id"], conf)
         except (params.ConfError, planner.PlanError, registry.RegistryError) as exc:
             raise AirflowFailException(str(exc)) from None
         log.info("%s", memory_note)

@@ -46,6 +46,9 @@ class PublishConfig(StageConfig):
         "", "Output of batch_infer, recorded in the lineage; empty means this run's if committed; 'none' leaves it out."
     )
     require_gate: bool = help_field(True, "Refuse to publish when evaluate's quality gate did not pass.")
+    run_conf: str = help_field(
+        "", "The run conf the version was made from (a JSON object), kept in lineage.json: what retraining starts from."
+    )
 
     IMMUTABLE_OUTPUT = True  # a published version never changes; republishing the same content is a no-op
 
@@ -61,6 +64,12 @@ class PublishConfig(StageConfig):
             self.predictions_uri = NONE
         elif self.predictions_uri:
             self.predictions_uri = uris.normalize_uri(self.predictions_uri, "predictions_uri")
+        if self.run_conf:
+            try:
+                conf = json.loads(self.run_conf)
+            except ValueError as exc:
+                raise UserError(f"run_conf is not JSON: {exc}") from None
+            check(isinstance(conf, dict), f"run_conf must be a JSON object, not {type(conf).__name__}")
 
     def output_uri(self, stage: str) -> str:
         return uris.join(self.artifact_root, "models", self.model_name, self.version)
@@ -208,6 +217,7 @@ def build_lineage(
         "inputs": run.inputs,
         "stages": stages,
         "images": sorted({s["code"]["image"] for s in stages.values() if s["code"].get("image")}),
+        **({"conf": json.loads(config.run_conf)} if config.run_conf else {}),
     }
 
 

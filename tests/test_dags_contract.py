@@ -93,8 +93,10 @@ def test_monitor_tasks_agree_on_the_batch_and_the_champion(tmp_path):
     version.mkdir(parents=True)
     (version / "manifest.json").write_text("{}")
     trained = {"tokenize": {"output_uri": f"{root.as_uri()}/runs/ft-1/tokenize"}}
-    (version / "lineage.json").write_text(json.dumps({"run_id": "ft-1", "base_model": "file:///b", "stages": trained}))
-    planner.write_run_conf(cfg, "ft-1", {**conf, "run_id": None, "version": None})
+    dag = render_pods.load_dags(CONFIGS["local"])["genai_finetune"]
+    published = parse("publish", render_pods.plan_arguments(dag.dag_id, cfg, conf, dag.params)["publish"])
+    lineage = {"run_id": "ft-1", "base_model": "file:///b", "stages": trained, "conf": json.loads(published.run_conf)}
+    (version / "lineage.json").write_text(json.dumps(lineage))  # what publish writes, as far as the monitor reads
     registry.move_alias(cfg.artifact_root, conf["model_name"], registry.CHAMPION, "ft-1", None)
     (tmp_path / "batch").mkdir()
     (tmp_path / "batch/new.txt").write_text("new text\n")
@@ -109,7 +111,9 @@ def test_monitor_tasks_agree_on_the_batch_and_the_champion(tmp_path):
     assert evaluate.dataset_uri == drift.dataset_uri == f"{run_uri}/tokenize"
     assert drift.evaluation_uri == f"{run_uri}/evaluate" and drift.reference_uri == trained["tokenize"]["output_uri"]
     assert drift.reference_evaluation_uri == f"{version.as_uri()}/evaluation"
-    assert plan["retrain_conf"] == {**conf, "train_data_uri": f"file://{tmp_path / 'batch'}"}
+    resolved = {**{k: p.value for k, p in dag.params.items()}, **conf}  # what the finetune run was planned from
+    retrain = {k: v for k, v in resolved.items() if k not in ("run_id", "version")}
+    assert plan["retrain_conf"] == {**retrain, "train_data_uri": f"file://{tmp_path / 'batch'}"}
 
 
 def test_finetune_tasks_agree_on_the_run_and_the_upstream_outputs():

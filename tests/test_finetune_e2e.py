@@ -102,6 +102,7 @@ def test_finetune_publishes_then_a_rerun_is_all_cache_hits_then_batch_inference_
         assert len(record["cache_key"]) == 64 and len(record["outputs_sha256"]) == 64
         assert record["code"]["source_sha256"]
     assert lineage["quality_gate"]["reason"]
+    assert lineage["conf"]["model_name"] == "folio-tiny" and lineage["conf"]["tokenize_shards"] == 2
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert manifest["outputs"]["lineage.json"]
     # What the run cost: each stage's attempt at its pool's price, published beside the model.

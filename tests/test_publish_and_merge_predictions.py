@@ -73,7 +73,7 @@ def run_publish(root: Path, *args: str) -> tuple[int, dict | None]:
 
 
 def test_publish_copies_adapter_evaluation_and_lineage_to_a_versioned_location(run_root, capsys):
-    code, committed = run_publish(run_root)
+    code, committed = run_publish(run_root, 'run_conf={"model_name": "folio", "train": {"rank": 8}}')
     assert code == 0 and committed is not None
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     model = run_root / "models" / "folio" / "r1"
@@ -83,6 +83,7 @@ def test_publish_copies_adapter_evaluation_and_lineage_to_a_versioned_location(r
     lineage = json.loads((model / "lineage.json").read_text())
     assert lineage["run_id"] == "r1" and lineage["base_model"] == "file:///base"
     assert lineage["base_model_sha256"] == "b" * 64
+    assert lineage["conf"] == {"model_name": "folio", "train": {"rank": 8}}  # what retraining starts from
     assert set(lineage["stages"]) == {"tokenize", "train_lora", "evaluate"}
     assert lineage["stages"]["train_lora"]["code"]["image"] == "stages:1" and lineage["images"] == ["stages:1"]
     assert set(committed["outputs"]) >= {"lineage.json", "adapter/adapter_config.json", "evaluation/metrics.json"}
@@ -125,6 +126,8 @@ def test_publish_refuses_an_adapter_whose_quality_gate_failed(run_root, capsys):
         (["version=a/b"], "version='a/b' must be"),
         (["evaluation_uri=/nowhere"], "evaluation_uri='file:///nowhere' is not a committed evaluate output"),
         (["predictions_uri=/nowhere"], "predictions_uri="),
+        (["run_conf={'rank': 8}"], "run_conf is not JSON"),
+        (["run_conf=[1, 2]"], "run_conf must be a JSON object, not list"),
     ],
 )
 def test_publish_bad_settings_exit_2_naming_the_field(run_root, capsys, args, message):

@@ -2,7 +2,8 @@
 
 ``genai_monitor`` plans here, runs three stages, then decides:
 
-    plan:      the champion (``<model_name>@champion``), its lineage and run conf, the newest batch
+    plan:      the champion (``<model_name>@champion``), its lineage and the conf it was trained with (both in
+               its lineage.json), the newest batch
     tokenize:  the batch, tokenized the way the champion's data was (same base model, same settings)
     evaluate:  the champion scored on the batch's held-out part, as evaluate scored it on its own
     drift:     perplexity ratio and token divergence against the platform's thresholds, a report
@@ -84,7 +85,12 @@ def monitor_plan(conf: dict[str, Any], settings: PipelineSettings) -> dict[str, 
     if champion is None:
         raise PlanError(f"model_name={name!r} has no champion yet: nothing to measure drift against")
     lineage = planner.read_published(settings, name, champion.version)
-    trained = planner.read_run_conf(settings, lineage["run_id"])
+    trained = lineage.get("conf")
+    if not isinstance(trained, dict):
+        raise PlanError(
+            f"{name}@champion ({champion.version}) was published without its run conf (before confs were kept): "
+            "retrain it once with genai_finetune, or give genai_monitor another model"
+        )
     if conf.get("data_uri"):
         batch = planner.resolve_uri(conf["data_uri"], settings)
     elif settings.monitor.data_prefix:

@@ -204,7 +204,13 @@ def finetune_plan(
             f"prompts_uri={resolve_uri(params['prompts_uri'], settings)}",
             *tunable_args("batch_infer", params),
         ],
-        "publish": [*common, f"model_name={params['model_name']}", f"version={version}"],
+        # The conf goes into the version's lineage.json: what genai_monitor retrains from (genai_dags.monitor).
+        "publish": [
+            *common,
+            f"model_name={params['model_name']}",
+            f"version={version}",
+            f"run_conf={json.dumps(params, sort_keys=True, separators=(',', ':'))}",
+        ],
     }
 
 
@@ -234,29 +240,6 @@ def champion_to_compare(params: dict[str, Any], settings: PipelineSettings, vers
         )
     uri = registry.version_uri(settings.artifact_root, name, champion.version)
     return uri, f"evaluate compares the new adapter with {name}@champion ({champion.version})"
-
-
-RUN_CONF = "conf.json"  # runs/<run_id>/conf.json: the conf a finetune run was planned from
-
-
-def write_run_conf(settings: PipelineSettings, run_id: str, conf: dict[str, Any]) -> None:
-    """Keep the conf beside the run's outputs: retraining a published version on new data starts from it."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(f"{settings.artifact_root}/runs/{run_id}/{RUN_CONF}")
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, (json.dumps(conf, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_run_conf(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
-    import fsspec
-
-    uri = f"{settings.artifact_root}/runs/{run_id}/{RUN_CONF}"
-    try:
-        with fsspec.open(uri, "rb") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise PlanError(f"{uri} does not exist: run {run_id} was planned before run confs were kept") from None
 
 
 def tokenize_shard_count(params: dict[str, Any], settings: PipelineSettings) -> int:

@@ -60,7 +60,7 @@ print(json.dumps({
 
 
 @pytest.mark.docker
-def test_the_airflow_image_parses_both_dags_for_a_cluster_without_stage_code(airflow_image):
+def test_the_airflow_image_parses_every_dag_for_a_cluster_without_stage_code(airflow_image):
     config = ROOT / "values/gke/pipeline.yaml"  # what the chart's ConfigMap mounts
     done = docker(
         "run", "--rm", "--network", "none", "-v", f"{config}:/etc/genai/pipeline.yaml:ro",
@@ -70,7 +70,13 @@ def test_the_airflow_image_parses_both_dags_for_a_cluster_without_stage_code(air
     assert done.returncode == 0, done.stderr[-3000:]
     parsed = json.loads(done.stdout.strip().splitlines()[-1])
     assert parsed["errors"] == {}
-    assert parsed["dags"] == ["genai_batch_inference", "genai_finetune", "genai_promote"]
+    assert parsed["dags"] == [
+        "genai_batch_inference",
+        "genai_finetune",
+        "genai_monitor",
+        "genai_promote",
+        "genai_retrain",
+    ]
     assert parsed["train_lora"] == "StagePodOperator"  # the kubernetes runtime, as configured
     assert parsed["modules"] == {"stages": False, "torch": False, "airflow.providers.docker": True}
     user = docker("image", "inspect", "--format", "{{.Config.User}}", airflow_image).stdout.strip()
