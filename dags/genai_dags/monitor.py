@@ -101,7 +101,9 @@ def monitor_plan(conf: dict[str, Any], settings: PipelineSettings) -> dict[str, 
         raise NothingNew(f"{batch} is what {name}@champion ({champion.version}) was trained on")
 
     fingerprint = planner.input_fingerprint({"data_uri": batch})
-    identity = {"model_name": name, "version": champion.version, "data_uri": batch}
+    thresholds = [settings.monitor.max_perplexity_ratio, settings.monitor.max_token_divergence]
+    # Other thresholds are another drift run (a stage refuses other settings under the same run id).
+    identity = {"model_name": name, "version": champion.version, "data_uri": batch, "thresholds": thresholds}
     run_id = conf.get("run_id") or planner.stable_run_id("drift", identity, fingerprint)
     published = registry.version_uri(settings.artifact_root, name, champion.version)
     base_model = lineage["base_model"]
