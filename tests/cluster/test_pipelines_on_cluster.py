@@ -125,7 +125,8 @@ def finetune(platform, bed_inputs, tiny_base_model, folio_corpus, tmp_path_facto
     states = local_airflow.task_states(run)
     assert str(run.state) == "success", states
     results = {task: local_airflow.xcom(run, task) for task in STAGE_TASKS}
-    for ti in sorted(run.get_task_instances(), key=lambda ti: ti.start_date):
+    ran = [ti for ti in run.get_task_instances() if ti.start_date and ti.end_date]  # not the skipped shards
+    for ti in sorted(ran, key=lambda ti: ti.start_date):
         print(f"cluster stage time: {ti.task_id} {(ti.end_date - ti.start_date).total_seconds():.1f} s")
 
     local_root = tmp_path_factory.mktemp("local-runtime") / "artifacts"
