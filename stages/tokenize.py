@@ -620,42 +620,64 @@ class Encoder:
             self.pool.shutdown(cancel_futures=True)
 
 
-def token_ids(ids: np.ndarray, lengths: np.ndarray, order: np.ndarray, eos: int) -> np.ndarray:
-    """One flat int32 array: each document's tokens followed by end-of-text, in ``order``.
+CHUNK_TOKENS = 1 << 20  # tokens gathered and written at a time: the scratch memory of writing a split
 
-    ``ids`` holds every document's tokens end to end (in document index order) and ``lengths`` their
-    counts. Copied with array operations in slices of about a million tokens (bounded scratch memory).
+
+def token_chunks(ids: np.ndarray | Path, lengths: np.ndarray, order: np.ndarray, eos: int) -> Iterator[np.ndarray]:
+    """The documents at ``order``, each followed by end-of-text, as consecutive int32 slices of about a million tokens.
+
+    ``ids`` holds every document's tokens end to end (in document index order), in memory or in a file of
+    int32s, and ``lengths`` their counts. A file is mapped anew for each slice, so the pages one slice
+    reads are let go before the next: memory stays the same for any size of corpus.
     """
     if len(order) == 0:
-        return np.zeros(0, dtype=np.int32)
+        return
     starts = np.cumsum(lengths) - lengths
     counts = lengths[order]
-    out = np.empty(int(counts.sum()) + len(order), dtype=np.int32)
-    ends = np.cumsum(counts + 1)  # end of each document's slot in out, its end-of-text included
-    out[ends - 1] = eos
-    cumulative = np.cumsum(counts)
-    cuts = np.unique(np.searchsorted(cumulative, np.arange(1 << 20, int(cumulative[-1]) + 1, 1 << 20)) + 1)
-    bounds = [0, *cuts[cuts < len(order)].tolist(), len(order)]
+    cumulative = np.cumsum(counts + 1)
+    cuts = np.searchsorted(cumulative, np.arange(CHUNK_TOKENS, int(cumulative[-1]), CHUNK_TOKENS), side="right")
+    bounds = [0, *np.unique(cuts[(cuts > 0) & (cuts < len(order))]).tolist(), len(order)]
     for lo, hi in itertools.pairwise(bounds):
         n = counts[lo:hi]
+        out = np.empty(int(n.sum()) + len(n), dtype=np.int32)
+        ends = np.cumsum(n + 1)  # end of each document's slot in out, its end-of-text included
+        out[ends - 1] = eos
         within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        out[np.repeat(ends[lo:hi] - n - 1, n) + within] = ids[np.repeat(starts[order[lo:hi]], n) + within]
-    return out
+        source = np.memmap(ids, dtype=np.int32, mode="r") if isinstance(ids, Path) else ids
+        out[np.repeat(ends - n - 1, n) + within] = source[np.repeat(starts[order[lo:hi]], n) + within]
+        del source
+        yield out
 
 
-def pack(ids: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
-    """Fixed-length blocks (a view, no copy) and how many trailing tokens did not fill a block."""
-    n_blocks = len(ids) // block_size
-    return ids[: n_blocks * block_size].reshape(n_blocks, block_size), len(ids) - n_blocks * block_size
+def blocks(chunks: Iterator[np.ndarray], block_size: int) -> Iterator[np.ndarray]:
+    """The token stream in rows of ``block_size``; the tokens after the last whole block are left out."""
+    carry = np.zeros(0, dtype=np.int32)
+    for chunk in chunks:
+        tokens = np.concatenate([carry, chunk]) if len(carry) else chunk
+        n = len(tokens) // block_size
+        if n:
+            yield tokens[: n * block_size].reshape(n, block_size)
+        carry = tokens[n * block_size :]
 
 
-def blocks_dataset(blocks: np.ndarray, block_size: int):
+def blocks_split(path: Path, rows: Iterator[np.ndarray], block_size: int):
+    """Write the rows to an Arrow stream file as they come; that file as a (memory-mapped) dataset split.
+
+    A fixed-size list column straight from the numpy buffers: no per-row Python objects, and the schema
+    itself says every row has exactly block_size tokens. The split's fingerprint is a hash of its tokens
+    (``datasets`` would hash the file's path and time, which differ from run to run).
+    """
     import datasets
+    from datasets.table import MemoryMappedTable
 
-    # A fixed-size list column straight from the numpy buffer: no per-row Python objects, and the
-    # schema itself says every row has exactly block_size tokens.
-    column = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), block_size)
-    return datasets.Dataset(pa.table({"input_ids": column}))
+    schema = pa.schema({"input_ids": pa.list_(pa.int32(), block_size)})
+    digest = hashlib.blake2b(digest_size=8)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for block in rows:
+            digest.update(block)
+            column = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), block_size)
+            writer.write_batch(pa.record_batch([column], schema=schema))
+    return datasets.Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=digest.hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,7 +723,7 @@ def write_dataset(
     config: TokenizeConfig,
     run: StageRun,
     tokenizer: Any,
-    ids: np.ndarray,
+    ids: np.ndarray | Path,
     lengths: np.ndarray,
     validation_texts: Callable[[np.ndarray], Iterator[str]],
     counts: Counter,
@@ -709,8 +731,9 @@ def write_dataset(
 ) -> dict[str, Any]:
     """Split the documents, pack the blocks, write the dataset and the held-out documents; the metrics.
 
-    ``ids`` and ``lengths`` hold every kept document's tokens, in input order; ``validation_texts`` gives
-    the texts of the documents at the indices it is given, in that order.
+    ``ids`` (in memory, or a file of int32s) and ``lengths`` hold every kept document's tokens, in input
+    order; ``validation_texts`` gives the texts of the documents at the indices it is given, in that order.
+    The splits are written a slice at a time: no copy of the corpus's tokens is held in memory.
     """
     import datasets
 
@@ -722,26 +745,32 @@ def write_dataset(
         len(train_order),
         len(validation_order),
     )
-    train_ids = token_ids(ids, lengths, train_order, tokenizer.eos_token_id)
-    validation_ids = token_ids(ids, lengths, validation_order, tokenizer.eos_token_id)
-    del ids
-    seconds = time.perf_counter() - started
-    train_blocks, train_dropped = pack(train_ids, config.block_size)
-    validation_blocks, validation_dropped = pack(validation_ids, config.block_size)
-    if len(train_blocks) == 0:
+    block_size = config.block_size
+    tokens = {"train": int(lengths[train_order].sum()) + len(train_order)}
+    tokens["validation"] = int(lengths[validation_order].sum()) + len(validation_order)
+    if tokens["train"] < block_size:
         raise UserError(
-            f"input is too small for block_size={config.block_size}: the train split has {len(train_ids)} tokens; "
+            f"input is too small for block_size={block_size}: the train split has {tokens['train']} tokens; "
             "add text, lower validation_fraction or lower block_size"
         )
+    splits = {
+        name: blocks_split(
+            run.scratch / f"{name}.arrow",
+            blocks(token_chunks(ids, lengths, order, tokenizer.eos_token_id), block_size),
+            block_size,
+        )
+        for name, order in (("train", train_order), ("validation", validation_order))
+    }
+    del ids
+    seconds = time.perf_counter() - started
+    train_blocks, validation_blocks = len(splits["train"]), len(splits["validation"])
 
     dataset_dir = run.scratch / layout.DATASET
-    dataset = datasets.DatasetDict(
-        train=blocks_dataset(train_blocks, config.block_size),
-        validation=blocks_dataset(validation_blocks, config.block_size),
-    )
+    dataset = datasets.DatasetDict(splits)
     # An empty split saved with the default zero shards cannot be loaded back; evaluate still has the docs.
     dataset.save_to_disk(str(dataset_dir), num_shards={k: 1 for k, d in dataset.items() if len(d) == 0})
-    sanity_check(dataset_dir, tokenizer, config.block_size, len(train_blocks), len(validation_blocks))
+    del dataset, splits
+    sanity_check(dataset_dir, tokenizer, block_size, train_blocks, validation_blocks)
     store.upload_dir(dataset_dir, run.output(layout.DATASET))
 
     docs_file = run.scratch / layout.VALIDATION_DOCS
@@ -750,7 +779,7 @@ def write_dataset(
             fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     store.upload_file(docs_file, run.output(layout.VALIDATION_DOCS))
 
-    tokens_total = len(train_ids) + len(validation_ids)
+    tokens_total = tokens["train"] + tokens["validation"]
     metrics = {
         "records_read": counts["records_read"],
         "records_kept": len(lengths),
@@ -759,17 +788,17 @@ def write_dataset(
         "files_skipped_not_text": counts["files_skipped_not_text"],
         "train_docs": len(train_order),
         "validation_docs": len(validation_order),
-        "train_blocks": len(train_blocks),
-        "validation_blocks": len(validation_blocks),
+        "train_blocks": train_blocks,
+        "validation_blocks": validation_blocks,
         "tokens_total": tokens_total,
-        "tokens_dropped_in_packing": train_dropped + validation_dropped,
+        "tokens_dropped_in_packing": tokens_total - (train_blocks + validation_blocks) * block_size,
         "tokens_per_second": round(tokens_total / max(seconds, 1e-9)),
     }
     log.info(
         "tokenize: %d train + %d validation blocks of %d tokens from %d of %d records (%d tokens, %.0f tokens/s)",
-        len(train_blocks),
-        len(validation_blocks),
-        config.block_size,
+        train_blocks,
+        validation_blocks,
+        block_size,
         len(lengths),
         counts["records_read"],
         tokens_total,
@@ -814,7 +843,12 @@ def shard_pieces(files: list[str], config: TokenizeConfig) -> list[Piece]:
     return pieces
 
 
-SHARD_DOCS = "docs.parquet"  # a shard's kept documents in input order: text and token ids
+SHARD_DOCS = "docs.parquet"  # a shard's kept documents in input order: text, its digest and token ids
+
+
+def text_digest(text: str) -> bytes:
+    """A document's 128-bit hash: what the merge deduplicates by, instead of holding every text."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def write_shard(
@@ -835,6 +869,7 @@ def write_shard(
     table = pa.table(
         {
             "text": pa.array(corpus.docs, type=pa.large_string()),
+            "digest": pa.array(map(text_digest, corpus.docs), type=pa.binary(16), size=len(corpus.docs)),
             "ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids)),
         }
     )
@@ -900,12 +935,11 @@ def check_shards(config: TokenizeConfig) -> list[dict[str, Any]]:
 def merge_shards(config: TokenizeConfig, run: StageRun, tokenizer: Any) -> dict[str, Any]:
     """The dataset of the single-task path from the shards' documents: the same documents, split and blocks.
 
-    Duplicates are dropped across shards as within one (the first occurrence in input order stays), by a
-    128-bit hash of the text instead of the text itself, so that memory holds no second copy of the corpus.
-    Token ids go to a memory-mapped scratch file; the texts are read again for the held-out documents only.
+    Duplicates are dropped across shards as within one (the first occurrence in input order stays), by the
+    128-bit digests the shards stored (``text_digest``), not the texts. Token ids go to a scratch file that
+    the dataset is written from a slice at a time; the texts are read again for the held-out documents only.
+    Memory grows with the number of documents (tens of bytes each), not with their tokens.
     """
-    import pyarrow.parquet as pq
-
     started = time.perf_counter()
     shards = check_shards(config)
     counts: Counter = Counter()
@@ -914,47 +948,68 @@ def merge_shards(config: TokenizeConfig, run: StageRun, tokenizer: Any) -> dict[
         counts.update(committed["metrics"]["counts"])
         first_bad = first_bad or committed["metrics"]["first_bad"]
     counts["files_skipped_not_text"] = shards[0]["metrics"]["files_skipped_not_text"]
-    seen: set[bytes] = set()
-    kept_per_batch: list[np.ndarray] = []  # which documents of each batch read are kept (not seen before)
+    keep = first_occurrences(np.concatenate([shard_column(uri, "digest") for uri in shard_uris(config)]))
+    counts["duplicate"] += int((~keep).sum())
     lengths_parts: list[np.ndarray] = []
     ids_file = run.scratch / "ids.int32"
     with ids_file.open("wb") as out:
-        for uri in shard_uris(config):
-            with store.open_file(uris.join(uri, SHARD_DOCS), "rb") as fh:
-                reader = pq.ParquetFile(fh)
-                for batch in reader.iter_batches(batch_size=8192):
-                    texts = batch.column("text").to_pylist()
-                    keep = np.zeros(len(texts), dtype=bool)
-                    for j, text in enumerate(texts):
-                        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-                        if digest not in seen:
-                            seen.add(digest)
-                            keep[j] = True
-                    counts["duplicate"] += int((~keep).sum())
-                    lists = batch.column("ids").filter(pa.array(keep))
-                    lengths_parts.append(lists.value_lengths().to_numpy().astype(np.int64))
-                    out.write(lists.flatten().to_numpy().astype(np.int32).tobytes())
-                    kept_per_batch.append(keep)
-    del seen
+        for lists, kept in shard_batches(config, keep, "ids"):
+            lists = lists.filter(pa.array(kept))
+            lengths_parts.append(lists.value_lengths().to_numpy().astype(np.int64))
+            out.write(lists.flatten().to_numpy().astype(np.int32).tobytes())
     lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, dtype=np.int64)
     check_corpus(config, counts, len(lengths), first_bad, shards[0]["metrics"]["input_files"])
-    ids = np.memmap(ids_file, dtype=np.int32, mode="r") if lengths.sum() else np.zeros(0, dtype=np.int32)
+    ids = ids_file if lengths.sum() else np.zeros(0, dtype=np.int32)
 
     def validation_texts(order: np.ndarray) -> Iterator[str]:
         wanted = {int(i): None for i in order}
-        index, batches = 0, iter(kept_per_batch)
-        for uri in shard_uris(config):
-            with store.open_file(uris.join(uri, SHARD_DOCS), "rb") as fh:
-                for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=["text"]):
-                    texts = batch.column("text").filter(pa.array(next(batches))).to_pylist()
-                    for text in texts:
-                        if index in wanted:
-                            wanted[index] = text
-                        index += 1
+        index = 0
+        for texts, kept in shard_batches(config, keep, "text"):
+            for text in texts.filter(pa.array(kept)).to_pylist():
+                if index in wanted:
+                    wanted[index] = text
+                index += 1
         return (wanted[int(i)] for i in order)
 
     metrics = write_dataset(config, run, tokenizer, ids, lengths, validation_texts, counts, started)
     return {**metrics, "shards": config.num_shards, "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def shard_column(uri: str, column: str) -> np.ndarray:
+    """One fixed-width column of a shard's documents, as the rows of a numpy array."""
+    import pyarrow.parquet as pq
+
+    with store.open_file(uris.join(uri, SHARD_DOCS), "rb") as fh:
+        values = pq.read_table(fh, columns=[column]).column(column).combine_chunks()
+    width = values.type.byte_width
+    if len(values) == 0:
+        return np.zeros((0, width), dtype=np.uint8)
+    flat = np.frombuffer(values.buffers()[1], dtype=np.uint8, count=(values.offset + len(values)) * width)
+    return flat[values.offset * width :].reshape(-1, width)
+
+
+def first_occurrences(digests: np.ndarray) -> np.ndarray:
+    """For each row of 16-byte digests, whether no earlier row has the same one."""
+    halves = digests.view(np.uint64)  # two 64-bit keys per row
+    order = np.lexsort((halves[:, 1], halves[:, 0]))  # stable: equal digests stay in input order
+    ranked = halves[order]
+    repeat = np.zeros(len(order), dtype=bool)
+    repeat[1:] = (ranked[1:] == ranked[:-1]).all(axis=1)
+    keep = np.ones(len(order), dtype=bool)
+    keep[order[repeat]] = False
+    return keep
+
+
+def shard_batches(config: TokenizeConfig, keep: np.ndarray, column: str) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """A column of every shard's documents in input order, in batches, each with its slice of ``keep``."""
+    import pyarrow.parquet as pq
+
+    index = 0
+    for uri in shard_uris(config):
+        with store.open_file(uris.join(uri, SHARD_DOCS), "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=[column]):
+                yield batch.column(column), keep[index : index + len(batch)]
+                index += len(batch)
 
 
 # ---------------------------------------------------------------------------------------------

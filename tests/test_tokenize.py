@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -274,6 +275,28 @@ class TestOutput:
         assert sorted([*train, *validation]) == [0, 1]
         with pytest.raises(UserError, match="at least 2"):
             split_documents(1, 0.5, seed=0)
+
+    def test_blocks_written_a_slice_at_a_time_are_the_documents_end_to_end(self, tmp_path, monkeypatch):
+        """The split's token stream, gathered in slices (from memory or from a file of ids), then cut into
+        rows: the same tokens as every document in split order with its end-of-text, whatever the slice size."""
+        rng = np.random.default_rng(0)
+        lengths = rng.integers(0, 40, size=300)
+        lengths[7] = 500  # longer than a slice
+        ids = rng.integers(0, 1000, size=int(lengths.sum()), dtype=np.int32)
+        order = rng.permutation(300)[:250]
+        starts = np.cumsum(lengths) - lengths
+        expected = np.concatenate([np.append(ids[starts[i] : starts[i] + lengths[i]], 9999) for i in order])
+        ids.tofile(tmp_path / "ids.int32")
+        monkeypatch.setattr(tokenize_stage, "CHUNK_TOKENS", 64)
+
+        for source in (ids, tmp_path / "ids.int32"):
+            chunks = list(tokenize_stage.token_chunks(source, lengths, order, eos=9999))
+            assert len(chunks) > 50 and max(map(len, chunks)) >= 500
+            assert np.array_equal(np.concatenate(chunks), expected)
+            rows = np.concatenate(list(tokenize_stage.blocks(iter(chunks), 48)))
+            assert rows.shape == (len(expected) // 48, 48)
+            assert np.array_equal(rows.reshape(-1), expected[: rows.size])
+        assert list(tokenize_stage.token_chunks(ids, lengths, order[:0], eos=9999)) == []
 
 
 class TestCleaningAndDrops:
