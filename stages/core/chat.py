@@ -3,7 +3,10 @@
 A conversation is a list of ``{"role", "content"}`` turns (system, user, assistant). It is rendered with a
 chat template (the tokenizer's own, a Jinja file, or a built-in one for base models that have none) and
 tokenized once; the labels are the token ids where the assistant speaks (its content and the end-of-turn
-markup right after it, so that the model learns to stop) and ``IGNORE`` everywhere else. Packing places
+markup right after it, so that the model learns to stop) and ``IGNORE`` everywhere else. Where each assistant
+turn is comes from rendering the conversation's prefixes, or, for a template with generation marks
+(``{% generation %}``, as TRL's ``assistant_only_loss`` reads them; the built-in templates are rendered
+with marked twins), from the marks of the one render, which label the same tokens. Packing places
 several examples in one block with position ids that restart at 0 for each, which keeps attention inside
 each example (``transformers`` builds the block-diagonal mask from the position ids when no attention
 mask is given) and the loss of a block equal to the sum of its examples' losses.
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import bisect
 import json
+import operator
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +152,36 @@ def is_template_uri(value: str) -> bool:
 
 
 ENCODE_BATCH = 1024  # conversations per tokenizer call in Renderer.examples
+MARKS_CHECKED = 64  # conversations labelled both ways before a template's generation marks are trusted
+
+# The generation marks (``{% generation %}...{% endgeneration %}``, as transformers and TRL read them) around
+# each assistant turn's content and end-of-turn markup: a template that has them is rendered once per
+# conversation, the marks giving each assistant turn's place, instead of once per assistant turn more (the
+# prefixes). A built-in template is rendered with its marked twin, which renders the same text.
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+CHATML_MARKED = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ message['content'] }}"
+    "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MARKED_TWINS = {CHATML: CHATML_MARKED}
+
+
+def _compiler():
+    """transformers' cached compiler of chat templates (its sandbox, filters and generation marks), or None where
+    it is not there (then every conversation goes through ``apply_chat_template``)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    return _compile_jinja_template
+
+
+def _plain(turns: list[dict[str, str]]) -> bool:
+    """Turns that ``apply_chat_template`` hands to the template as they are (it copies them, drops None values and
+    aliases reasoning fields; none of which changes turns of only a string role and content)."""
+    return bool(turns) and all(type(t) is dict and len(t) == 2 and type(t.get("role")) is str
+                               and type(t.get("content")) is str for t in turns)  # fmt: skip
 
 
 class Renderer:
@@ -159,14 +194,47 @@ class Renderer:
         self.template = template
         self.train_on = train_on
         self.special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        # What apply_chat_template would do per call, done once: the template compiled, its variables.
+        self._variables = {"tools": None, "documents": None, **dict(tokenizer.special_tokens_map)}
+        self._compiled = self._marked = None
+        compiler = _compiler()
+        if compiler is not None:
+            try:
+                source = tokenizer.get_chat_template(template)
+                self._compiled = compiler(source)
+                marked = MARKED_TWINS.get(source, source)
+                if GENERATION_TAG.search(marked) and hasattr(self._compiled.environment, "activate_tracker"):
+                    self._marked = compiler(marked)
+            except Exception:  # a template that does not compile fails in text(), with its own message
+                self._compiled = self._marked = None
+        self._marks_trusted: bool | None = None  # None: not checked yet
+        self._marks_checked = 0
 
     def text(self, turns: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         try:
+            if self._compiled is not None and _plain(turns):
+                return self._compiled.render(
+                    messages=turns, add_generation_prompt=add_generation_prompt, **self._variables
+                )
             return self.tokenizer.apply_chat_template(
                 turns, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # a Jinja error, or raise_exception() in the template itself
             raise UserError(f"the chat template failed on a conversation: {type(exc).__name__}: {exc}") from None
+
+    def _marked_text(self, turns: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation rendered with the marked template, and where each generation mark's text is in it."""
+        if not _plain(turns):
+            return self.text(turns), []
+        blocks: list[str] = []
+        marks: list[tuple[int, int]] = []
+        try:
+            with self._marked.environment.activate_tracker(blocks, marks):
+                for block in self._marked.generate(messages=turns, add_generation_prompt=False, **self._variables):
+                    blocks.append(block)
+        except Exception as exc:
+            raise UserError(f"the chat template failed on a conversation: {type(exc).__name__}: {exc}") from None
+        return "".join(blocks), marks
 
     def stop_ids(self) -> list[int]:
         """The tokens that end an assistant turn: the template's end-of-turn token (when its markup after the
@@ -190,6 +258,20 @@ class Renderer:
 
     def encode(self, text: str) -> dict[str, Any]:
         return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+
+    def _encode_batch(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(token ids, character offsets) of each text: what ``tokenizer(texts, add_special_tokens=False,
+        return_offsets_mapping=True)`` returns, from the Rust tokenizer straight (that call converts every
+        encoding to a dict of lists); through the call where the Rust tokenizer is set to truncate or pad."""
+        backend = self.tokenizer.backend_tokenizer
+        if (
+            backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))
+        ):
+            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
 
     def assistant_spans(self, turns: list[dict[str, str]], full: str) -> list[tuple[int, int, int]]:
         """Where each assistant turn is in ``full``: (content start, content end, end of the markup that closes
@@ -215,47 +297,95 @@ class Renderer:
             position = end
         return spans
 
+    @staticmethod
+    def marked_spans(
+        turns: list[dict[str, str]], full: str, marks: list[tuple[int, int]]
+    ) -> list[tuple[int, int, int]] | None:
+        """assistant_spans from the generation marks of one render: each assistant turn's content is found inside
+        its mark, and the rest of the mark (trailing whitespace excluded) is the closing markup. None where the
+        marks do not hold the assistant turns one each, or where the two could differ (then the prefixes decide)."""
+        contents = [t["content"].strip() for t in turns if t["role"] == "assistant"]
+        if len(marks) != len(contents):
+            return None
+        spans, position = [], 0
+        for content, (mark_start, mark_end) in zip(contents, marks, strict=True):
+            # The prefixes search from the end of the generation prompt, which may be before the mark (a space
+            # between them): an empty content, or one found there too, is left to them.
+            if not content or full.find(content, position, mark_start + len(content) - 1) >= 0:
+                return None
+            start = full.find(content, max(position, mark_start), mark_end)
+            if start < 0:
+                return None
+            end = start + len(content)
+            spans.append((start, end, end + len(full[end:mark_end].rstrip())))
+            position = end
+        return spans
+
     def example(self, turns: list[dict[str, str]]) -> tuple[list[int], list[int]]:
         """Token ids and labels of one conversation (checked with check_trainable first)."""
-        full = self.text(turns)
-        return self._labelled(turns, full, self.encode(full))
+        return self.examples([turns])[0]
 
     def examples(self, conversations: list[list[dict[str, str]]]) -> list[tuple[list[int], list[int]]]:
         """``[example(turns) for turns in conversations]``, with one tokenizer call per batch of conversations
         (the Rust tokenizer spreads a batch over the cores) instead of one per conversation."""
         done = []
+        marked = self._marked is not None and self.train_on != "all"
         for at in range(0, len(conversations), ENCODE_BATCH):
             batch = conversations[at : at + ENCODE_BATCH]
-            texts = [self.text(turns) for turns in batch]
-            encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-            for k, (turns, full) in enumerate(zip(batch, texts, strict=True)):
-                one = {"input_ids": encoded["input_ids"][k], "offset_mapping": encoded["offset_mapping"][k]}
-                done.append(self._labelled(turns, full, one))
+            if marked:
+                texts, marks = map(list, zip(*[self._marked_text(turns) for turns in batch], strict=True))
+            else:
+                texts, marks = [self.text(turns) for turns in batch], [None] * len(batch)
+            encoded = self._encode_batch(texts)
+            for turns, full, (ids, offsets), marked_at in zip(batch, texts, encoded, marks, strict=True):
+                if self.train_on == "all":
+                    labels = list(ids)
+                else:
+                    labels = self._assistant_labels(turns, full, marked_at, ids, offsets)
+                    if labels.count(IGNORE) == len(labels):
+                        raise UserError(f"the chat template produced no assistant tokens (rendered: {shown(full)})")
+                if labels:  # nothing predicts an example's first token (in a packed block: its neighbour would)
+                    labels[0] = IGNORE
+                done.append((ids, labels))
         return done
 
-    def _labelled(self, turns: list[dict[str, str]], full: str, encoded: dict[str, Any]) -> tuple[list[int], list[int]]:
-        ids = encoded["input_ids"]
-        if self.train_on == "all":
-            labels = list(ids)
-        else:
-            labels = [IGNORE] * len(ids)
-            self._label_assistant(turns, full, encoded["offset_mapping"], ids, labels)
-            if all(label == IGNORE for label in labels):
-                raise UserError(f"the chat template produced no assistant tokens (rendered: {shown(full)})")
-        if labels:
-            labels[0] = IGNORE  # nothing predicts an example's first token (in a packed block: its neighbour would)
-        return ids, labels
+    def _assistant_labels(self, turns, full: str, marks, ids: list[int], offsets) -> list[int]:
+        """The labels of the assistant's tokens, from the generation marks where the template has them and they
+        are trusted, else from the prefixes. The first MARKS_CHECKED conversations are labelled both ways: where
+        the two differ (marks that do not sit around the content and its end-of-turn markup), the prefixes
+        label, this conversation and every one after."""
+        spans = None if marks is None or self._marks_trusted is False else self.marked_spans(turns, full, marks)
+        labels = [IGNORE] * len(ids)
+        self._label_assistant(spans or self.assistant_spans(turns, full), offsets, ids, labels)
+        if spans is not None and self._marks_trusted is None:
+            reference = [IGNORE] * len(ids)
+            self._label_assistant(self.assistant_spans(turns, full), offsets, ids, reference)
+            if reference != labels:
+                self._marks_trusted = False
+                return reference
+            self._marks_checked += 1
+            self._marks_trusted = True if self._marks_checked >= MARKS_CHECKED else None
+        return labels
 
-    def _label_assistant(self, turns, full: str, offsets, ids: list[int], labels: list[int]) -> None:
+    def _label_assistant(self, spans, offsets, ids: list[int], labels: list[int]) -> None:
         """Label every token that overlaps an assistant content (a token may also hold the space before it),
         then the closing markup's tokens up to and including its first special token (the end of turn)."""
+        starts, ends = zip(*offsets, strict=True) if offsets else ((), ())
+        if not (all(map(operator.le, starts, starts[1:])) and all(map(operator.le, ends, ends[1:]))):
+            starts = ends = None  # offsets out of order: token by token
         j = 0
-        for start, end, closed in self.assistant_spans(turns, full):
-            while j < len(ids) and offsets[j][1] <= start:
-                j += 1
-            while j < len(ids) and offsets[j][0] < end:
-                labels[j] = ids[j]
-                j += 1
+        for start, end, closed in spans:
+            if ends is not None:  # the first token that ends after ``start``, the first that starts at ``end``
+                j = bisect.bisect_right(ends, start, j)
+                k = bisect.bisect_left(starts, end, j)
+                labels[j:k] = ids[j:k]
+                j = k
+            else:
+                while j < len(ids) and offsets[j][1] <= start:
+                    j += 1
+                while j < len(ids) and offsets[j][0] < end:
+                    labels[j] = ids[j]
+                    j += 1
             while j < len(ids) and offsets[j][1] <= closed and offsets[j][1] > offsets[j][0]:
                 labels[j] = ids[j]
                 j += 1
