@@ -1126,8 +1126,6 @@ def tokenize_sft(config: TokenizeConfig, run: StageRun, tokenizer: Any, context:
     files, skipped = text_files(store.expand(config.input_uri, "input_uri"), config)
     log.info("reading conversations from %d file(s) in %s", len(files), config.input_uri)
     started = time.perf_counter()
-    conversations, counts = read_conversations(files, config)
-    train_order, validation_order = split_documents(len(conversations), config.validation_fraction, config.seed)
 
     def examples(order: np.ndarray) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
         done, kept = [], []
@@ -1143,8 +1141,11 @@ def tokenize_sft(config: TokenizeConfig, run: StageRun, tokenizer: Any, context:
             kept.append(i)
         return done, kept
 
-    train_examples, _ = examples(train_order)
-    validation_examples, validation_kept = examples(validation_order)
+    with older_objects_frozen():  # the conversations, tokens and labels are many small containers
+        conversations, counts = read_conversations(files, config)
+        train_order, validation_order = split_documents(len(conversations), config.validation_fraction, config.seed)
+        train_examples, _ = examples(train_order)
+        validation_examples, validation_kept = examples(validation_order)
     if not train_examples:
         raise UserError(
             f"no training conversation fits block_size={config.block_size} after templating "
