@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import re
 import sys
 import time
@@ -649,8 +650,9 @@ def token_chunks(ids: np.ndarray | Path, lengths: np.ndarray, order: np.ndarray,
     """The documents at ``order``, each followed by end-of-text, as consecutive int32 slices of about a million tokens.
 
     ``ids`` holds every document's tokens end to end (in document index order), in memory or in a file of
-    int32s, and ``lengths`` their counts. A file is mapped anew for each slice, so the pages one slice
-    reads are let go before the next: memory stays the same for any size of corpus.
+    int32s, and ``lengths`` their counts. A file is mapped anew for each slice, without read-ahead (the
+    documents of a slice are scattered over it), so that only the pages a slice reads are in memory, and
+    only until the next: memory stays the same for any size of corpus.
     """
     if len(order) == 0:
         return
@@ -665,10 +667,18 @@ def token_chunks(ids: np.ndarray | Path, lengths: np.ndarray, order: np.ndarray,
         ends = np.cumsum(n + 1)  # end of each document's slot in out, its end-of-text included
         out[ends - 1] = eos
         within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        source = np.memmap(ids, dtype=np.int32, mode="r") if isinstance(ids, Path) else ids
-        out[np.repeat(ends - n - 1, n) + within] = source[np.repeat(starts[order[lo:hi]], n) + within]
-        del source
+        out[np.repeat(ends - n - 1, n) + within] = gather(ids, np.repeat(starts[order[lo:hi]], n) + within)
         yield out
+
+
+def gather(ids: np.ndarray | Path, index: np.ndarray) -> np.ndarray:
+    """``ids[index]``, of an array or of a file of int32s, mapped for reading at random: the kernel reads
+    only the pages touched (not the pages around them), and lets them go when the map closes."""
+    if not isinstance(ids, Path):
+        return ids[index]
+    with ids.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as region:
+        region.madvise(mmap.MADV_RANDOM)
+        return np.frombuffer(region, dtype=np.int32)[index]  # a copy: nothing refers to the map after
 
 
 def blocks(chunks: Iterator[np.ndarray], block_size: int) -> Iterator[np.ndarray]:
