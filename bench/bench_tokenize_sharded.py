@@ -46,14 +46,29 @@ def big_corpus(mb: int) -> Path:
     return path
 
 
+def anonymous_mib(pid: int) -> int:
+    """A process's anonymous memory now (its heap: not the page cache of the files it maps), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) // 1024 for line in fh if line.startswith("RssAnon:")), 0)
+    except OSError:
+        return 0
+
+
 def run_task(args: list[str]) -> dict[str, Any]:
-    """One stage process: its wall time and its own peak memory."""
+    """One stage process: its wall time, its own peak memory, and its peak anonymous memory (sampled)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         child = subprocess.Popen(
             [sys.executable, "-m", "stages.tokenize", *args], cwd=ROOT, env=child_env(None), stdout=out, stderr=err
         )
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: its peak memory
+        peak_anonymous = 0
+        while True:  # the merge maps files: its RSS counts their page cache, which the kernel reclaims
+            peak_anonymous = max(peak_anonymous, anonymous_mib(child.pid))
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage: its peak memory
+            if pid:
+                break
+            time.sleep(0.1)
         child.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - started
         out.seek(0)
@@ -61,7 +76,12 @@ def run_task(args: list[str]) -> dict[str, Any]:
         if child.returncode != 0:
             raise RuntimeError(f"tokenize {' '.join(args)} failed:\n{err.read().decode()[-3000:]}")
         result = json.loads(out.read().decode().strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "metrics": result["metrics"]}
+    return {
+        "seconds": seconds,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "peak_anonymous_mib": peak_anonymous,
+        "metrics": result["metrics"],
+    }
 
 
 def dataset_hashes(folder: Path) -> dict[str, str]:
@@ -84,6 +104,7 @@ def sharded(corpus: Path, run_id: str, shards: int, parallel: int) -> dict[str, 
         "shard_peak_rss_mib": [round(t["peak_rss_mib"]) for t in tasks],
         "merge_seconds": round(merge["seconds"], 1),
         "merge_peak_rss_mib": round(merge["peak_rss_mib"]),
+        "merge_peak_anonymous_mib": merge["peak_anonymous_mib"],
         "tokens": merge["metrics"]["tokens_total"],
         "docs": merge["metrics"]["records_kept"],
     }

@@ -551,7 +551,8 @@ def tokenize_sharded_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> di
         "tokens; `bench.bench_tokenize_sharded`), cut by byte ranges. Shards: "
         f"{' / '.join(f'{x} s' for x in two['shard_seconds'])} side by side "
         f"(peak {' / '.join(f'{x} MiB' for x in two['shard_peak_rss_mib'])}), then the merge {two['merge_seconds']} s "
-        f"(peak {two['merge_peak_rss_mib']} MiB); the merged dataset "
+        f"(peak {two['merge_peak_rss_mib']} MiB, {two['merge_peak_anonymous_mib']} MiB of it anonymous); "
+        "the merged dataset "
         f"{'equals' if m['merged_equals_one_task'] else '**differs from**'} the one task's, byte for byte. "
         f"On {m['cores']} cores both shards share the cores the one task's tokenizer already fills; on a "
         "cluster each shard is a pod on its own node.",
@@ -561,7 +562,8 @@ def tokenize_sharded_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> di
         notes.append(
             f"{big['corpus_mb']:,} MB ({big['tokens']:,} tokens) in {big['shards']} shards, 2 at a time: "
             f"{big['seconds']:.0f} s; peak memory per shard task "
-            f"{' / '.join(f'{x} MiB' for x in big['shard_peak_rss_mib'])}, merge {big['merge_peak_rss_mib']} MiB."
+            f"{' / '.join(f'{x} MiB' for x in big['shard_peak_rss_mib'])}, merge {big['merge_peak_rss_mib']} MiB "
+            f"({big['merge_peak_anonymous_mib']} MiB anonymous: the rest is the page cache of the files it maps)."
         )
     return {
         "sides": {},
