@@ -599,6 +599,63 @@ class TestShards:
         assert code == 2 and "task=sft tokenizes in one task" in err
 
 
+class TestEncoder:
+    """Documents joined with end-of-text encode as each alone does, or the encoder encodes them one by one."""
+
+    DOCS = (
+        "Hello, world!",
+        "1 23 456 7890",
+        "Ünïcödé — «quotes» and ﬁne print",
+        "x",
+        f"a document that holds the end-of-text text {EOS} itself",
+        "tabs\tand  spaces",
+        "<|endoftext",
+        "|>",
+        "line one\nline two",
+        *(doc(i, words=i % 50) for i in range(300)),
+    )
+
+    def encode(self, tokenizer, docs: tuple[str, ...], joined: bool, batch_size: int = 64):
+        encoder = tokenize_stage.Encoder(tokenizer, batch_size)
+        if not joined:
+            encoder.separator = None
+        try:
+            encoder.add(list(docs))
+            return encoder.finish()
+        finally:
+            encoder.close()
+
+    @pytest.mark.parametrize("batch_size", [1, 7, 64, 1000])
+    def test_joined_encoding_equals_one_document_at_a_time(self, tokenizer_model, batch_size):
+        tokenizer = load_tokenizer(tokenizer_model.removeprefix("file://"))
+        assert tokenize_stage.Encoder(tokenizer, 1).separator == EOS
+        ids, lengths = self.encode(tokenizer, self.DOCS, joined=True, batch_size=batch_size)
+        one_ids, one_lengths = self.encode(tokenizer, self.DOCS, joined=False, batch_size=batch_size)
+        assert np.array_equal(lengths, one_lengths) and np.array_equal(ids, one_ids)
+        expected = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in self.DOCS]
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert ids.tolist() == [i for e in expected for i in e]
+
+    def test_tokenizers_where_joining_would_change_tokens_are_not_joined(self, tokenizer_model):
+        from tokenizers import AddedToken, pre_tokenizers
+
+        def backend():
+            tokenizer = load_tokenizer(tokenizer_model.removeprefix("file://"))
+            return tokenizer, tokenizer.backend_tokenizer
+
+        tokenizer, plain = backend()
+        assert tokenize_stage.joinable_separator(plain, EOS, tokenizer.eos_token_id) == EOS
+        _, first = backend()
+        first.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first")])
+        _, overlapping = backend()
+        overlapping.add_tokens([AddedToken("end<|endof", normalized=False)])
+        _, special_text = backend()
+        special_text.encode_special_tokens = True
+        for backend_tokenizer in (first, overlapping, special_text):
+            assert tokenize_stage.joinable_separator(backend_tokenizer, EOS, tokenizer.eos_token_id) is None
+        assert tokenize_stage.joinable_separator(plain, "<|im_end|>", tokenizer.eos_token_id) is None
+
+
 def file_hashes_only(folder: Path) -> dict[str, str]:
     """Content hashes of a stage output's data files (its manifest records when and how: not compared)."""
     return {k: h for k, (h, _) in file_hashes(folder).items() if k != "manifest.json"}
