@@ -1,6 +1,7 @@
-"""evaluate: the stage's evaluated tokens/s vs lm-evaluation-harness on the same model, adapter and text.
+"""evaluate: the stage's evaluated tokens/s vs lm-evaluation-harness on the same model, adapter and text, and
+on held-out conversations (task=sft) vs a plain transformers loop.
 
-    python -m bench.run --only evaluate
+    python -m bench.run --only evaluate,evaluate_sft
 
 Sides (each its own process):
 
@@ -17,11 +18,30 @@ Sides (each its own process):
 Tokens evaluated per second compare like with like: scoring time against scoring time, and the
 stage's whole run against ``simple_evaluate``'s. Its word and byte perplexity and bits per byte must
 equal the stage's adapted-model numbers within 0.5%.
+
+Held-out conversations (``task="sft"``: the tokenize fixture's ``validation_docs.jsonl`` of ``messages``
+records, an adapter trained on the conversations):
+
+- ``ours``: the stage as above; it scores the assistant's tokens of every conversation (loss and perplexity)
+  under base + adapter and under the base, then generates each conversation's last assistant turn with both.
+  The scoring is timed by wrapping ``stages.evaluate.assistant_loglikelihood`` (the conversations are already
+  rendered and labelled when it is called); ``eval_seconds`` (scoring and generation) and the whole stage are
+  reported too.
+- ``loop``: what a user writes with transformers alone: each conversation rendered with
+  ``apply_chat_template(..., return_assistant_tokens_mask=True)`` (the template's ``{% generation %}`` tags
+  mark the assistant's tokens, the way TRL's ``assistant_only_loss`` finds them), labels -100 elsewhere, and
+  one ``model(input_ids, labels=labels)`` per conversation under ``torch.inference_mode``; the mean loss times
+  the conversation's loss tokens, summed. Base + adapter (the ``PeftModel``), then the base
+  (``disable_adapter``), as ours. Rendering is outside the clock, as on our side.
+
+Tokens evaluated count every token of each conversation fed to the model, once per model. The assistant
+perplexity of both models must agree within 0.5%.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
@@ -31,24 +51,17 @@ from typing import Any
 from bench.common import WORK, Timer, child_main, fresh_run, import_ml_stack, run_stage_inprocess
 
 TASK = "bench_heldout"
+SFT_METRICS = ("assistant_perplexity",)
 METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
 def ours(params: dict[str, Any]) -> dict[str, Any]:
     import_ml_stack()
+    if params.get("task") == "sft":
+        return ours_sft(params)
     run_id = fresh_run("evaluate", params["run_id"])
-    args = [
-        f"base_model={params['base_model']}",
-        f"adapter_uri={params['adapter_uri']}",
-        f"dataset_uri={params['dataset_uri']}",
-        f"max_eval_docs={params['docs']}",
-        f"batch_size={params['batch_size']}",
-        "min_relative_improvement=-1",  # the gate's verdict is not what is measured
-        f"artifact_root={WORK}",
-        f"run_id={run_id}",
-    ]
     with Timer() as t:
-        manifest = run_stage_inprocess("evaluate", args)
+        manifest = run_stage_inprocess("evaluate", _stage_args(params, run_id))
     m = manifest["metrics"]
     return {
         "seconds": m["eval_seconds"],
@@ -61,6 +74,100 @@ def ours(params: dict[str, Any]) -> dict[str, Any]:
         "windows": m["windows"],
         "metrics": {k: m["adapted"][k] for k in METRICS},
         "base_metrics": {k: m["base"][k] for k in METRICS},
+    }
+
+
+def _stage_args(params: dict[str, Any], run_id: str) -> list[str]:
+    return [
+        f"base_model={params['base_model']}",
+        f"adapter_uri={params['adapter_uri']}",
+        f"dataset_uri={params['dataset_uri']}",
+        f"max_eval_docs={params['docs']}",
+        f"batch_size={params['batch_size']}",
+        "min_relative_improvement=-1",  # the gate's verdict is not what is measured
+        f"artifact_root={WORK}",
+        f"run_id={run_id}",
+    ]
+
+
+def ours_sft(params: dict[str, Any]) -> dict[str, Any]:
+    from stages import evaluate
+
+    scoring = {"seconds": 0.0, "tokens": 0}
+    original = evaluate.assistant_loglikelihood
+
+    def timed(model, examples, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(model, examples, *args, **kwargs)
+        finally:
+            scoring["seconds"] += time.perf_counter() - started
+            scoring["tokens"] += sum(len(ids) for ids, _ in examples)
+
+    evaluate.assistant_loglikelihood = timed
+    run_id = fresh_run("evaluate", params["run_id"])
+    with Timer() as t:
+        manifest = run_stage_inprocess("evaluate", _stage_args(params, run_id))
+    m = manifest["metrics"]
+    return {
+        "seconds": scoring["seconds"],
+        "stage_seconds": t.seconds,
+        "eval_seconds": m["eval_seconds"],
+        "tokens": scoring["tokens"],  # base and adapted model each score every conversation
+        "doc_tokens": scoring["tokens"] // 2,
+        "tokens_per_second": scoring["tokens"] / scoring["seconds"],
+        "docs": m["conversations"],
+        "assistant_tokens": m["assistant_tokens"],
+        "metrics": {k: m["adapted"][k] for k in SFT_METRICS},
+        "base_metrics": {k: m["base"][k] for k in SFT_METRICS},
+    }
+
+
+def loop(params: dict[str, Any]) -> dict[str, Any]:
+    """Assistant-token loss of each held-out conversation, one forward pass each (task=sft)."""
+    import_ml_stack()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(params["base_model"])
+    template = Path(params["template"]).read_text(encoding="utf-8")
+    lines = (Path(params["dataset_uri"]) / "validation_docs.jsonl").read_text(encoding="utf-8").splitlines()
+    conversations = [json.loads(line)["messages"] for line in lines[: params["docs"]]]
+    base = AutoModelForCausalLM.from_pretrained(params["base_model"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(Path(params["adapter_uri"]) / "adapter"))
+    model.eval()
+    encoded = []
+    for turns in conversations:
+        enc = tokenizer.apply_chat_template(
+            turns, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = torch.tensor([enc["input_ids"]])
+        labels = torch.where(torch.tensor([enc["assistant_masks"]]) == 1, ids, -100)
+        encoded.append((ids, labels, int((labels[0, 1:] != -100).sum())))
+
+    def loglikelihood() -> float:
+        total = 0.0
+        with torch.inference_mode():
+            for ids, labels, scored in encoded:
+                total -= model(input_ids=ids, labels=labels).loss.item() * scored
+        return total
+
+    with Timer() as t:
+        adapted = loglikelihood()
+        with model.disable_adapter():
+            base_ll = loglikelihood()
+    doc_tokens = sum(ids.shape[1] for ids, _, _ in encoded)
+    loss_tokens = sum(scored for _, _, scored in encoded)
+    return {
+        "seconds": t.seconds,
+        "tokens": 2 * doc_tokens,
+        "doc_tokens": doc_tokens,
+        "tokens_per_second": 2 * doc_tokens / t.seconds,
+        "docs": len(encoded),
+        "assistant_tokens": loss_tokens,
+        "metrics": {"assistant_perplexity": math.exp(-adapted / loss_tokens)},
+        "base_metrics": {"assistant_perplexity": math.exp(-base_ll / loss_tokens)},
     }
 
 
@@ -125,7 +232,7 @@ def lm_eval(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-SIDES = {"ours": ours, "lm_eval": lm_eval}
+SIDES = {"ours": ours, "lm_eval": lm_eval, "loop": loop}
 
 if __name__ == "__main__":
     sys.exit(child_main(SIDES))

@@ -200,6 +200,19 @@ def sft_conversations(count: int) -> Path:
     return target
 
 
+def sft_prompts(count: int) -> Path:
+    """``count`` chat prompts (``{"id", "messages"}``): the first ``count`` SFT conversations without their last
+    assistant turn, so that each ends with the user's turn, the one to answer."""
+    target = DATA / f"sft-prompts-{count}-{_sft_version()}.jsonl"
+    if not target.exists():
+        lines = sft_conversations(count).read_text(encoding="utf-8").splitlines()
+        records = [{"id": f"c{i:05d}", "messages": json.loads(line)["messages"][:-1]} for i, line in enumerate(lines)]
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp.rename(target)
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # Running stages in-process (inside a side's child process)
 
@@ -395,6 +408,15 @@ def ensure_sft_fixture(base_model: Path, count: int) -> Path:
     ]
     run_id = f"sft-{base_model.name}-{count}-{_sft_version()}"
     return cached_stage("tokenize", args, run_id, f"fixture-tokenize-sft-{count}")
+
+
+def ensure_sft_adapter(base_model: Path, count: int) -> Path:
+    """A LoRA adapter trained by train_lora for a few steps on the SFT fixture of ``count`` conversations (the
+    chat template saved beside it, as for any task=sft adapter): what the SFT evaluate and batch_infer rows use."""
+    data = ensure_sft_fixture(base_model, count)
+    args = [f"base_model={base_model}", f"dataset_uri={data}", "max_steps=10", "learning_rate=2e-3", "warmup_steps=2"]
+    run_id = f"sft-adapter-{base_model.name}-{count}-{_sft_version()}"
+    return cached_stage("train_lora", args, run_id, f"fixture-train_lora-sft-{count}")
 
 
 def parameter_count(model_dir: Path) -> int:

@@ -15,6 +15,7 @@ The GPU measurement is a separate script: bench/gpu_lora_mfu.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -37,6 +38,7 @@ from bench.common import (
     WORK,
     corpus,
     ensure_fixtures,
+    ensure_sft_adapter,
     ensure_sft_fixture,
     load_average,
     machine,
@@ -44,6 +46,7 @@ from bench.common import (
     prompts,
     run_side,
     sft_conversations,
+    sft_prompts,
     sft_template,
     texts_dir,
 )
@@ -55,7 +58,9 @@ ROWS = (
     "train_lora",
     "train_lora_sft",
     "batch_infer",
+    "batch_infer_sft",
     "evaluate",
+    "evaluate_sft",
     "pipeline",
 )
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -78,6 +83,7 @@ FULL = {
     "sft_train_steps": 20,
     "sft_warmup_steps": 3,  # steps left out of the SFT training rate, on every side
     "sft_repeats": 3,
+    "sft_eval_conversations": 200,  # held-out conversations of the tokenize_sft fixture (400 of 4,000)
     "sharded_mb": 200,  # one JSONL file: one tokenize task against 2 shard tasks and the merge
     "sharded_big_mb": 1000,  # 4 shard tasks and the merge: each task's peak memory
 }
@@ -97,6 +103,7 @@ QUICK = {
     "sft_train_steps": 3,
     "sft_warmup_steps": 1,
     "sft_repeats": 1,
+    "sft_eval_conversations": 20,
     "sharded_mb": 5,
     "sharded_big_mb": 0,
 }
@@ -107,9 +114,12 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def side(row: str, name: str, params: dict[str, Any], label: str, **kwargs: Any) -> dict[str, Any]:
+def side(
+    row: str, name: str, params: dict[str, Any], label: str, module: str | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """One side of ``row``, run by bench/bench_<module>.py (by default bench/bench_<row>.py)."""
     log(f"{row}: {label} ...")
-    result = run_side(f"bench_{row}", name, params, label, **kwargs)
+    result = run_side(f"bench_{module or row}", name, params, label if module is None else f"{row}-{label}", **kwargs)
     log(
         f"{row}: {label}: {result.get('tokens_per_second', 0):,.0f} tokens/s, "
         f"{result.get('seconds', 0):.2f} s timed, {result['process_seconds']:.1f} s process, "
@@ -409,37 +419,62 @@ def train_lora_sft_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict
     }
 
 
-def batch_infer_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, Any]:
-    n, new = sizes["infer_prompts"], sizes["max_new_tokens"]
-    base = {
-        "base_model": str(fixtures["llama_20m"]),
-        "adapter_uri": str(fixtures["llama_20m_adapter"]),
-        "batch_size": 64,
-        "max_new_tokens": new,
-    }
-    predictions = WORK / "runs" / "infer-ours" / "batch_infer" / "predictions.jsonl"  # the latest ours run's
-    check = {**base, "prompts": str(prompts(n)), "ours_predictions": str(predictions)}
+def batch_infer_row(sizes: dict[str, Any], fixtures: dict[str, Path], sft: bool = False) -> dict[str, Any]:
+    """Text prompts, or with ``sft`` chat prompts and an adapter trained on conversations (row batch_infer_sft)."""
+    row, n, new = ("batch_infer_sft" if sft else "batch_infer"), sizes["infer_prompts"], sizes["max_new_tokens"]
+    base = {"base_model": str(fixtures["llama_20m"]), "batch_size": 64, "max_new_tokens": new}
+    if sft:
+        base |= {"adapter_uri": str(ensure_sft_adapter(fixtures["llama_20m"], sizes["sft_conversations"])),
+                 "template": str(sft_template())}  # fmt: skip
+        inputs = sft_prompts
+    else:
+        base |= {"adapter_uri": str(fixtures["llama_20m_adapter"])}
+        inputs = prompts
+    run_id = f"infer-ours{'-sft' if sft else ''}"
+    module = {"module": "batch_infer"}
+    predictions = WORK / "runs" / run_id / "batch_infer" / "predictions.jsonl"  # the latest ours run's
+    check = {**base, "prompts": str(inputs(n)), "ours_predictions": str(predictions)}
     sides = interleaved(
-        "batch_infer",
+        row,
         {
-            "ours": ("ours", {**base, "prompts": str(prompts(n)), "run_id": "infer-ours"}, {}),
-            "batched": ("batched", check, {}),
+            "ours": ("ours", {**base, "prompts": str(inputs(n)), "run_id": run_id}, module),
+            "batched": ("batched", check, module),
         },
         sizes["repeats"],
     )
-    sides["loop"] = side("batch_infer", "loop", check, "loop")
+    sides["loop"] = side(row, "loop", check, "loop", **module)
     m = sizes["infer_scaling_prompts"]
-    sides["ours_10x"] = side(
-        "batch_infer", "ours", {**base, "prompts": str(prompts(m)), "run_id": "infer-ours-10x"}, "ours-10x"
+    sides["ours_10x"] = (
+        None
+        if sft
+        else side(row, "ours", {**base, "prompts": str(inputs(m)), "run_id": "infer-ours-10x"}, "ours-10x", **module)
     )
     ours = sides["ours"]
     identical = all(s["differ_from_ours"] == s["near_ties"] for s in (sides["loop"], sides["batched"]))
-    what = f"{n} prompts, {new} new tokens, greedy"
+    what = f"{n} {'chat prompts' if sft else 'prompts'}, {new} new tokens, greedy"
+    label = "batch_infer (sft)" if sft else "batch_infer"
+    if sft:
+        records = [json.loads(line) for line in Path(check["prompts"]).read_text().splitlines()]
+        turns = statistics.mean(len(r["messages"]) for r in records)
+        inputs_note = (
+            f"Prompts: the first {n} of the SFT conversations (`bench.common.sft_prompts`) without their last "
+            f"assistant turn, {turns:.1f} turns each on average, ending with the user's; "
+            f"{ours['prompt_tokens'] / n:.0f} prompt tokens each on average after the template. Adapter: LoRA trained "
+            f"by `train_lora` for 10 steps on the tokenize_sft fixture, its chat template beside it. Ours renders "
+            "with that template and stops at its end of turn (`<|im_end|>`); the baselines render with "
+            "`apply_chat_template(..., add_generation_prompt=True)` (the same template) and pass "
+            f"`eos_token_id=[<|im_end|>, eos]`. {ours['stopped_early']} of {n} completions stopped before {new} tokens."
+        )
+    else:
+        inputs_note = (
+            f"Whole stage (read prompts, load and merge, generate, write): {ours['stage_seconds']:.1f} s for {n} "
+            f"prompts, {sides['ours_10x']['stage_seconds']:.1f} s for {m}."
+        )
     return {
         "sides": sides,
         "comparisons": [
             comparison(
-                "batch_infer",
+                label,
                 "generated tokens/s",
                 ours,
                 sides["loop"],
@@ -449,7 +484,7 @@ def batch_infer_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[st
                 extra_ok=identical,
             ),
             comparison(
-                "batch_infer",
+                label,
                 "generated tokens/s",
                 ours,
                 sides["batched"],
@@ -459,15 +494,15 @@ def batch_infer_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[st
                 extra_ok=identical,
             ),
         ],
-        "scaling": scaling(sides["ours"], sides["ours_10x"], f"{n} -> {m} prompts"),
+        "scaling": None if sft else scaling(sides["ours"], sides["ours_10x"], f"{n} -> {m} prompts"),
         "notes": [
-            f"Model: the 20M model + the fixture LoRA adapter; ours merges it (`merge_adapter=true`, the default), "
-            f"the baselines run the `PeftModel` as loaded. Completions that differ from ours: per-prompt "
-            f"{sides['loop']['differ_from_ours']} (near-ties {sides['loop']['near_ties']}), batched "
-            f"{sides['batched']['differ_from_ours']} (near-ties {sides['batched']['near_ties']}) of {n}; a near-tie "
-            f"is a top-2 logit gap under 1e-3 where the texts part.",
-            f"Whole stage (read prompts, load and merge, generate, write): {ours['stage_seconds']:.1f} s for {n} "
-            f"prompts, {sides['ours_10x']['stage_seconds']:.1f} s for {m}.",
+            f"Model: the 20M model + {'an SFT' if sft else 'the fixture'} LoRA adapter; ours merges it "
+            "(`merge_adapter=true`, the default), the baselines run the `PeftModel` as loaded. Completions that "
+            f"differ from ours: per-prompt {sides['loop']['differ_from_ours']} (near-ties "
+            f"{sides['loop']['near_ties']}), batched {sides['batched']['differ_from_ours']} (near-ties "
+            f"{sides['batched']['near_ties']}) of {n}; a near-tie is a top-2 logit gap under 1e-3 where the texts "
+            "part.",
+            inputs_note,
         ],
     }
 
@@ -536,6 +571,71 @@ def evaluate_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, 
             "Adapted-model metrics, ours vs lm-eval: "
             + ", ".join(f"{k} {ours['metrics'][k]:.4f} vs {harness['metrics'][k]:.4f}" for k in ours["metrics"])
             + ".",
+        ],
+    }
+
+
+def evaluate_sft_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[str, Any]:
+    count, n = sizes["sft_conversations"], sizes["sft_eval_conversations"]
+    base = {
+        "base_model": str(fixtures["llama_20m"]),
+        "adapter_uri": str(ensure_sft_adapter(fixtures["llama_20m"], count)),
+        "dataset_uri": str(ensure_sft_fixture(fixtures["llama_20m"], count)),
+        "template": str(sft_template()),
+        "batch_size": 8,
+        "docs": n,
+    }
+    module = {"module": "evaluate"}
+    sides = interleaved(
+        "evaluate_sft",
+        {
+            "ours": ("ours", {**base, "task": "sft", "run_id": "eval-ours-sft"}, module),
+            "loop": ("loop", base, module),
+        },
+        sizes["eval_repeats"],
+    )
+    ours, loop = sides["ours"], sides["loop"]
+    pairs = [(ours[k][m], loop[k][m]) for k in ("metrics", "base_metrics") for m in ours[k]]
+    diff = max(abs(a - b) / abs(b) for a, b in pairs)
+    agree = diff <= 0.005 and ours["docs"] == loop["docs"] and ours["assistant_tokens"] == loop["assistant_tokens"]
+    what = (
+        f"{ours['docs']} held-out conversations, {ours['doc_tokens']:,} tokens, {ours['assistant_tokens']:,} "
+        f"assistant tokens; perplexities within {diff:.4%}"
+    )
+    return {
+        "sides": sides,
+        "comparisons": [
+            comparison(
+                "evaluate (sft)",
+                "evaluated tokens/s, scoring",
+                ours,
+                loop,
+                "transformers, one forward pass per conversation",
+                2.0,
+                what,
+                extra_ok=agree,
+            )
+        ],
+        "scaling": None,
+        "notes": [
+            f"Input: the first {n} held-out conversations of the tokenize_sft fixture ({count:,} conversations, "
+            "its `validation_docs.jsonl`); the 20M model + a LoRA adapter trained by `train_lora` for 10 steps on "
+            "them, unmerged on both sides; both models scored (base + adapter, then the base), as ours does for "
+            "its before/after report. Tokens evaluated: every token of each conversation, once per model. "
+            "Ours: length-sorted, right-padded batches of 8, log-softmax only at the assistant's positions, "
+            "`use_cache=False`. Baseline: `apply_chat_template(..., return_assistant_tokens_mask=True)` with the "
+            "same template (its `{% generation %}` tags mark the assistant's content and `<|im_end|>`), labels -100 "
+            "elsewhere, `model(input_ids, labels=labels)` per conversation; rendering is outside the clock on both "
+            "sides. lm-evaluation-harness is not the baseline here: its `loglikelihood` scores one continuation "
+            "per request, tokenized apart from its context, so a conversation with several assistant turns would "
+            "be several requests, each re-reading the turns before it, over different tokens than the model was "
+            "trained on; TRL's `SFTTrainer.evaluate()` averages per-batch means, not the per-token loss.",
+            f"Assistant perplexity, ours vs baseline: adapted {ours['metrics']['assistant_perplexity']:.4f} vs "
+            f"{loop['metrics']['assistant_perplexity']:.4f}, base {ours['base_metrics']['assistant_perplexity']:.4f} "
+            f"vs {loop['base_metrics']['assistant_perplexity']:.4f}; loss tokens {ours['assistant_tokens']:,} vs "
+            f"{loop['assistant_tokens']:,}. Ours also generates every conversation's last assistant turn with both "
+            f"models (exact match, chrF): scoring and generating {ours['eval_seconds']:.1f} s, the whole stage "
+            f"{ours['stage_seconds']:.1f} s.",
         ],
     }
 
@@ -726,7 +826,9 @@ def main(argv: list[str] | None = None) -> int:
         "train_lora": train_lora_row,
         "train_lora_sft": train_lora_sft_row,
         "batch_infer": batch_infer_row,
+        "batch_infer_sft": functools.partial(batch_infer_row, sft=True),
         "evaluate": evaluate_row,
+        "evaluate_sft": evaluate_sft_row,
         "pipeline": pipeline_row,
     }
     results: dict[str, Any] = {}
