@@ -20,6 +20,7 @@ import bisect
 import json
 import operator
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def is_template_uri(value: str) -> bool:
     return bool(value) and value not in BUILTIN_TEMPLATES
 
 
-ENCODE_BATCH = 1024  # conversations per tokenizer call in Renderer.examples
+ENCODE_BATCH = 256  # conversations per tokenizer call in Renderer.examples
 MARKS_CHECKED = 64  # conversations labelled both ways before a template's generation marks are trusted
 
 # The generation marks (``{% generation %}...{% endgeneration %}``, as transformers and TRL read them) around
@@ -327,26 +328,40 @@ class Renderer:
 
     def examples(self, conversations: list[list[dict[str, str]]]) -> list[tuple[list[int], list[int]]]:
         """``[example(turns) for turns in conversations]``, with one tokenizer call per batch of conversations
-        (the Rust tokenizer spreads a batch over the cores) instead of one per conversation."""
-        done = []
+        (the Rust tokenizer spreads a batch over the cores) instead of one per conversation. A batch is
+        tokenized on a worker thread (the Rust call releases the GIL) while the next one is rendered and the
+        one before labelled; labelling stays in input order."""
+        done: list[tuple[list[int], list[int]]] = []
         marked = self._marked is not None and self.train_on != "all"
-        for at in range(0, len(conversations), ENCODE_BATCH):
-            batch = conversations[at : at + ENCODE_BATCH]
-            if marked:
-                texts, marks = map(list, zip(*[self._marked_text(turns) for turns in batch], strict=True))
-            else:
-                texts, marks = [self.text(turns) for turns in batch], [None] * len(batch)
-            encoded = self._encode_batch(texts)
-            for turns, full, (ids, offsets), marked_at in zip(batch, texts, encoded, marks, strict=True):
-                if self.train_on == "all":
-                    labels = list(ids)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-tokenize") as pool:
+            previous = None
+            for at in range(0, len(conversations), ENCODE_BATCH):
+                batch = conversations[at : at + ENCODE_BATCH]
+                if marked:
+                    texts, marks = map(list, zip(*[self._marked_text(turns) for turns in batch], strict=True))
                 else:
-                    labels = self._assistant_labels(turns, full, marked_at, ids, offsets)
-                    if labels.count(IGNORE) == len(labels):
-                        raise UserError(f"the chat template produced no assistant tokens (rendered: {shown(full)})")
-                if labels:  # nothing predicts an example's first token (in a packed block: its neighbour would)
-                    labels[0] = IGNORE
-                done.append((ids, labels))
+                    texts, marks = [self.text(turns) for turns in batch], [None] * len(batch)
+                current = (batch, texts, marks, pool.submit(self._encode_batch, texts))
+                if previous is not None:
+                    done += self._labelled(*previous)
+                previous = current
+            if previous is not None:
+                done += self._labelled(*previous)
+        return done
+
+    def _labelled(self, batch, texts: list[str], marks: list, encoding: Future) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels of each conversation of a batch, once its tokenizer call is done."""
+        done = []
+        for turns, full, (ids, offsets), marked_at in zip(batch, texts, encoding.result(), marks, strict=True):
+            if self.train_on == "all":
+                labels = list(ids)
+            else:
+                labels = self._assistant_labels(turns, full, marked_at, ids, offsets)
+                if labels.count(IGNORE) == len(labels):
+                    raise UserError(f"the chat template produced no assistant tokens (rendered: {shown(full)})")
+            if labels:  # nothing predicts an example's first token (in a packed block: its neighbour would)
+                labels[0] = IGNORE
+            done.append((ids, labels))
         return done
 
     def _assistant_labels(self, turns, full: str, marks, ids: list[int], offsets) -> list[int]:
