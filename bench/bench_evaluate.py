@@ -232,7 +232,69 @@ def lm_eval(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-SIDES = {"ours": ours, "lm_eval": lm_eval, "loop": loop}
+def lm_eval_sft(params: dict[str, Any]) -> dict[str, Any]:
+    """The held-out conversations as lm-evaluation-harness scores a chat: one ``loglikelihood`` request per
+    assistant turn, its context the conversation before it (with the template's generation prompt), its
+    continuation the turn's content and end of turn (task=sft)."""
+    import_ml_stack()
+    import lm_eval as harness
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(params["base_model"])
+    template = Path(params["template"]).read_text(encoding="utf-8")
+    lines = (Path(params["dataset_uri"]) / "validation_docs.jsonl").read_text(encoding="utf-8").splitlines()
+    conversations = [json.loads(line)["messages"] for line in lines[: params["docs"]]]
+
+    def render(turns, prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            turns, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        )
+
+    requests, newlines = [], []
+    for turns in conversations:
+        for i, turn in enumerate(turns):
+            if turn["role"] == "assistant":
+                context = render(turns[:i], prompt=True)
+                requests.append((context, turn["content"] + "<|im_end|>"))
+                # lm-eval moves a context's trailing whitespace (the newline after the role) into the
+                # continuation, so it scores that newline too; scored alone, for the check only.
+                stripped = context.rstrip()
+                newlines.append((stripped, context[len(stripped) :]))
+    doc_tokens = sum(len(tokenizer(render(turns, prompt=False), add_special_tokens=False)["input_ids"])
+                     for turns in conversations)  # fmt: skip
+    adapter = Path(params["adapter_uri"]) / "adapter"
+    common = {"pretrained": params["base_model"], "batch_size": params["batch_size"], "device": "cpu"}
+    models = {"adapted": HFLM(**common, peft=str(adapter)), "base": HFLM(**common)}
+
+    def loglikelihood(lm, pairs) -> list[float]:
+        instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+        return [logprob for logprob, _ in lm.loglikelihood(instances, disable_tqdm=True)]
+
+    with Timer() as t:
+        scored = {name: sum(loglikelihood(lm, requests)) for name, lm in models.items()}
+    newline = {name: sum(loglikelihood(lm, newlines)) for name, lm in models.items()}
+    loss_tokens = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in requests)
+
+    def perplexity(name: str) -> float:
+        return math.exp(-(scored[name] - newline[name]) / loss_tokens)
+
+    return {
+        "seconds": t.seconds,
+        "tokens": 2 * doc_tokens,
+        "doc_tokens": doc_tokens,
+        "tokens_per_second": 2 * doc_tokens / t.seconds,
+        "docs": len(conversations),
+        "requests": len(requests),
+        "assistant_tokens": loss_tokens,
+        "metrics": {"assistant_perplexity": perplexity("adapted")},
+        "base_metrics": {"assistant_perplexity": perplexity("base")},
+        "version": harness.__version__,
+    }
+
+
+SIDES = {"ours": ours, "lm_eval": lm_eval, "loop": loop, "lm_eval_sft": lm_eval_sft}
 
 if __name__ == "__main__":
     sys.exit(child_main(SIDES))

@@ -604,30 +604,30 @@ def evaluate_sft_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[s
         {
             "ours": ("ours", {**base, "task": "sft", "run_id": "eval-ours-sft"}, module),
             "loop": ("loop", base, module),
+            "lm_eval": ("lm_eval_sft", base, {**module, "extra_pythonpath": [LM_EVAL_SITE]}),
         },
         sizes["eval_repeats"],
     )
-    ours, loop = sides["ours"], sides["loop"]
-    pairs = [(ours[k][m], loop[k][m]) for k in ("metrics", "base_metrics") for m in ours[k]]
-    diff = max(abs(a - b) / abs(b) for a, b in pairs)
-    agree = diff <= 0.005 and ours["docs"] == loop["docs"] and ours["assistant_tokens"] == loop["assistant_tokens"]
-    what = (
-        f"{ours['docs']} held-out conversations, {ours['doc_tokens']:,} tokens, {ours['assistant_tokens']:,} "
-        f"assistant tokens; perplexities within {diff:.4%}"
-    )
+    ours = sides["ours"]
+
+    def against(name: str, baseline_name: str) -> dict[str, Any]:
+        other = sides[name]
+        pairs = [(ours[k][m], other[k][m]) for k in ("metrics", "base_metrics") for m in ours[k]]
+        diff = max(abs(a - b) / abs(b) for a, b in pairs)
+        same = ours["docs"] == other["docs"] and ours["assistant_tokens"] == other["assistant_tokens"]
+        what = (
+            f"{ours['docs']} held-out conversations, {ours['doc_tokens']:,} tokens, {ours['assistant_tokens']:,} "
+            f"assistant tokens; perplexities within {diff:.4%}"
+        )
+        return comparison("evaluate (sft)", "evaluated tokens/s, scoring", ours, other, baseline_name, 2.0, what,
+                          extra_ok=diff <= 0.005 and same)  # fmt: skip
+
+    lm_eval, loop = sides["lm_eval"], sides["loop"]
     return {
         "sides": sides,
         "comparisons": [
-            comparison(
-                "evaluate (sft)",
-                "evaluated tokens/s, scoring",
-                ours,
-                loop,
-                "transformers, one forward pass per conversation",
-                2.0,
-                what,
-                extra_ok=agree,
-            )
+            against("lm_eval", f"(a) lm-evaluation-harness {lm_eval['version']}, a request per assistant turn"),
+            against("loop", "(b) transformers, one forward pass per conversation"),
         ],
         "scaling": None,
         "notes": [
@@ -639,13 +639,19 @@ def evaluate_sft_row(sizes: dict[str, Any], fixtures: dict[str, Path]) -> dict[s
             "`use_cache=False`. Baseline: `apply_chat_template(..., return_assistant_tokens_mask=True)` with the "
             "same template (its `{% generation %}` tags mark the assistant's content and `<|im_end|>`), labels -100 "
             "elsewhere, `model(input_ids, labels=labels)` per conversation; rendering is outside the clock on both "
-            "sides. lm-evaluation-harness is not the baseline here: its `loglikelihood` scores one continuation "
-            "per request, tokenized apart from its context, so a conversation with several assistant turns would "
-            "be several requests, each re-reading the turns before it, over different tokens than the model was "
-            "trained on; TRL's `SFTTrainer.evaluate()` averages per-batch means, not the per-token loss.",
-            f"Assistant perplexity, ours vs baseline: adapted {ours['metrics']['assistant_perplexity']:.4f} vs "
-            f"{loop['metrics']['assistant_perplexity']:.4f}, base {ours['base_metrics']['assistant_perplexity']:.4f} "
-            f"vs {loop['base_metrics']['assistant_perplexity']:.4f}; loss tokens {ours['assistant_tokens']:,} vs "
+            "sides. (a) lm-evaluation-harness (the first round's baseline) scores a conversation the way its "
+            "`loglikelihood` scores anything: a request per assistant turn (here "
+            f"{lm_eval['requests']:,}), the turns before it as the context, re-read for every turn; it moves the "
+            "context's trailing newline into the continuation and scores it too, so for the perplexity check "
+            "(not in its time) that newline's log-likelihood, scored alone by lm-eval, is taken off. "
+            "TRL's `SFTTrainer.evaluate()` is not a baseline: it averages per-batch means, not the per-token "
+            "loss.",
+            "Assistant perplexity, ours vs (a) vs (b): "
+            + "; ".join(
+                f"{label} " + " vs ".join(f"{s[key]['assistant_perplexity']:.4f}" for s in (ours, lm_eval, loop))
+                for label, key in (("adapted", "metrics"), ("base", "base_metrics"))
+            )
+            + f"; loss tokens {ours['assistant_tokens']:,} vs {lm_eval['assistant_tokens']:,} vs "
             f"{loop['assistant_tokens']:,}. Ours also generates every conversation's last assistant turn with both "
             f"models (exact match, chrF): scoring and generating {ours['eval_seconds']:.1f} s, the whole stage "
             f"{ours['stage_seconds']:.1f} s.",

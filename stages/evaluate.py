@@ -630,12 +630,22 @@ def assistant_loglikelihood(model, examples: list[tuple[list[int], list[int]]], 
         for j, (row_ids, row_labels) in enumerate(chunk):  # right-padded: no real token attends to padding
             ids[j, : len(row_ids)] = torch.tensor(row_ids)
             labels[j, : len(row_labels)] = torch.tensor(row_labels)
-        logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1]
-        targets = labels[:, 1:].to(logits.device)
+        targets = labels[:, 1:]
         scored = targets != chat.IGNORE
-        logprobs = logits[scored].float().log_softmax(dim=-1)
-        total += logprobs.gather(1, targets[scored][:, None]).sum(dtype=torch.float64).cpu()
+        logprobs = scored_logits(model, ids.to(device), scored.to(device)).float().log_softmax(dim=-1)
+        total += logprobs.gather(1, targets[scored][:, None].to(logprobs.device)).sum(dtype=torch.float64).cpu()
     return float(total)
+
+
+def scored_logits(model, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """The logits that predict the scored targets (``scored[i, p]``: the token at ``p + 1`` is scored), one
+    row each in row-major order. The language-model head runs over those positions only (``logits_to_keep``
+    with a mask): with a 128k vocabulary the logits of every position are the largest tensor of the pass.
+    A model whose forward cannot keep a mask returns every position's logits, sliced here."""
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[:, :-1] = scored
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    return logits if logits.dim() == 2 else logits[:, :-1][scored]
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:

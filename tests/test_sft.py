@@ -113,16 +113,36 @@ def test_a_packed_block_scores_the_sum_of_its_examples_scored_alone(name, family
     blocks = chat.pack(examples, sum(len(ids) for ids, _ in examples) + 5, pad_id=0, packing=True)
     assert len(blocks.input_ids) == 1 and blocks.padding == 5
 
-    def loss_sum(**batch) -> float:
-        with torch.no_grad():  # num_items_in_batch=1: the sum of the token losses
-            return float(model(**batch, use_cache=False, num_items_in_batch=1).loss)
-
-    packed = loss_sum(**{k: torch.tensor(getattr(blocks, k)).long() for k in token_blocks.BLOCK_COLUMNS})
-    alone = sum(loss_sum(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])) for ids, labels in examples)
+    packed = loss_sum(model, **{k: torch.tensor(getattr(blocks, k)).long() for k in token_blocks.BLOCK_COLUMNS})
+    alone = scored_alone(model, examples)
     assert packed == pytest.approx(alone, rel=1e-5)
     # Without the restarting position ids the examples see each other: a different number.
-    crossed = loss_sum(input_ids=torch.tensor(blocks.input_ids).long(), labels=torch.tensor(blocks.labels).long())
+    unrestarted = {k: torch.tensor(getattr(blocks, k)).long() for k in ("input_ids", "labels")}
+    crossed = loss_sum(model, **unrestarted)
     assert crossed != pytest.approx(alone, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
+def test_evaluate_scores_a_padded_batch_as_its_conversations_scored_alone(name, family_models):
+    """The evaluate stage's batches (right-padded, the head run only where a token is scored) give the
+    log-likelihood of the model's own loss, conversation by conversation."""
+    from transformers import AutoModelForCausalLM
+
+    r = renderer(name, family_models)
+    model = AutoModelForCausalLM.from_pretrained(family_models[name]).eval()
+    examples = [r.example(c["messages"]) for c in families.conversations(5, seed=2)]
+    assert len({len(ids) for ids, _ in examples}) > 1  # the batches pad
+    batched = evaluate.assistant_loglikelihood(model, examples, batch_size=3, device=torch.device("cpu"))
+    assert -batched == pytest.approx(scored_alone(model, examples), rel=1e-5)
+
+
+def loss_sum(model, **batch) -> float:
+    with torch.no_grad():  # num_items_in_batch=1: the sum of the token losses
+        return float(model(**batch, use_cache=False, num_items_in_batch=1).loss)
+
+
+def scored_alone(model, examples: list[tuple[list[int], list[int]]]) -> float:
+    return sum(loss_sum(model, input_ids=torch.tensor([i]), labels=torch.tensor([labels])) for i, labels in examples)
 
 
 def test_packing_fills_blocks_best_fit_and_keeps_every_example_whole():
