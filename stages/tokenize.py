@@ -146,11 +146,13 @@ class TokenizeConfig(StageConfig):
         return self.run_uri(stage)
 
 
-def inputs(config: TokenizeConfig) -> dict[str, str]:
+def inputs(config: TokenizeConfig) -> dict[str, str | manifest.Input]:
+    """The base model counts by its tokenizer and config: its weights are neither hashed nor fetched."""
+    base_model = models.tokenizer_input(config.base_model)
     if config.merge:  # the shards, each committed with this merge's settings
         check_shards(config)
-        return {"base_model": config.base_model, **{f"shard_{i:05d}": u for i, u in enumerate(shard_uris(config))}}
-    found = {"input_uri": config.input_uri, "base_model": config.base_model}
+        return {"base_model": base_model, **{f"shard_{i:05d}": u for i, u in enumerate(shard_uris(config))}}
+    found = {"input_uri": config.input_uri, "base_model": base_model}
     if config.task == "sft" and chat.is_template_uri(config.chat_template):
         found["chat_template"] = config.chat_template
     return found
@@ -789,7 +791,7 @@ def tokenize(config: TokenizeConfig, run: StageRun) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()  # one tqdm line per split is noise in a pod's log
-    with models.model_dir(config.base_model) as path:
+    with models.model_dir(config.base_model, weights=False) as path:
         tokenizer = models.load_tokenizer(path)
         context = models.context_length(models.load_model_config(path), tokenizer)
     if config.task == "sft":

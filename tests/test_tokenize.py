@@ -16,6 +16,7 @@ import pytest
 
 from stages import tokenize as tokenize_stage
 from stages.base_model import EOS, train_tokenizer
+from stages.core import manifest, models
 from stages.core.config import build_config
 from stages.core.errors import UserError
 from stages.core.models import load_tokenizer
@@ -473,9 +474,9 @@ class TestContract:
 
     def test_inputs_are_uris_or_hub_ids(self, tmp_path):
         config = build_config(TokenizeConfig, {"input_uri": str(tmp_path), "base_model": "./models/base"})
-        assert tokenize_stage.inputs(config) == {
+        assert tokenize_stage.inputs(config) == {  # the tokenizer's files count, not the weights
             "input_uri": f"file://{tmp_path}",
-            "base_model": f"file://{os.path.abspath('models/base')}",
+            "base_model": manifest.Input(f"file://{os.path.abspath('models/base')}", models.WEIGHT_FILES),
         }
         config = build_config(TokenizeConfig, {"input_uri": "s3://bucket/data/*.jsonl", "base_model": "org/model"})
         assert tokenize_stage.inputs(config) == {"input_uri": "s3://bucket/data/*.jsonl", "base_model": "org/model"}

@@ -21,8 +21,9 @@ from stages.core.errors import StoreError
 
 
 @contextmanager
-def local_copy(uri: str) -> Iterator[Path]:
-    """A local path holding the folder or file at ``uri``: the path itself on local disk, else a download.
+def local_copy(uri: str, skip: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local path holding the folder or file at ``uri``: the path itself on local disk, else a download
+    of its files but those that match ``skip`` (see :class:`stages.core.manifest.Input`).
 
     Inside a committed stage output the files to fetch come from its manifest (no listing) and each
     is checked against the manifest's hash; anything else is listed and fetched as it is.
@@ -33,10 +34,14 @@ def local_copy(uri: str) -> Iterator[Path]:
     expected = manifest.committed_files(uri)
     with tempfile.TemporaryDirectory(prefix="stage-in-") as tmp:
         target = Path(tmp) / uri.rstrip("/").rsplit("/", 1)[-1]
-        if expected is None:
-            store.download_tree(uri, target)
+        if expected is not None:
+            kept = {rel: digest for rel, digest in expected.items() if not manifest.skipped(rel, skip)}
+            _download_committed(uri, target, kept)
+        elif skip:
+            listed = [store.relative(uri, f) for f in store.expand(uri)]
+            store.download_named(uri, [rel for rel in listed if not manifest.skipped(rel, skip)], target)
         else:
-            _download_committed(uri, target, expected)
+            store.download_tree(uri, target)
         yield target
 
 

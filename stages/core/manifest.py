@@ -13,13 +13,14 @@ single create-only object: a second attempt that finishes later cannot overwrite
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from stages import __version__
 from stages.core import store, uris
@@ -55,9 +56,22 @@ def code_version(stage_file: str) -> dict[str, str]:
     return version
 
 
-def hash_input(uri: str, field: str = "uri") -> dict[str, Any]:
+class Input(NamedTuple):
+    """An input of which a stage reads only some files: ``skip`` holds patterns (``fnmatch``) of the paths,
+    relative to ``uri``, that are neither part of its identity nor fetched (a model's weights, for a stage
+    that reads only its tokenizer)."""
+
+    uri: str
+    skip: tuple[str, ...] = ()
+
+
+def skipped(relative: str, skip: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in skip)
+
+
+def hash_input(uri: str, field: str = "uri", skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Content identity of one input: a committed stage output (or a folder or file inside one), a folder
-    or glob of files, or one file.
+    or glob of files, or one file; files that match ``skip`` (see :class:`Input`) are left out.
 
     A committed stage output is identified by its manifest's output hashes, so downstream stages
     never re-read gigabytes to hash them, and never list it. Anything else is listed by
@@ -67,16 +81,16 @@ def hash_input(uri: str, field: str = "uri") -> dict[str, Any]:
     covering = None if uris.is_glob(uri) else _covering_manifest(uri)
     if covering is not None:
         committed, sub = covering
-        if not sub:
+        if not sub and not skip:
             return {"uri": uri, "sha256": committed["outputs_sha256"], "committed_by": committed["stage"]}
-        files = _files_below(committed, sub)
+        files = {rel: digest for rel, digest in _files_below(committed, sub).items() if not skipped(rel, skip)}
         if files:
             digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
             return {"uri": uri, "sha256": digest, "committed_by": committed["stage"], "files": len(files)}
-    files = store.expand(uri, field)
+    files = [f for f in store.expand(uri, field) if not skipped(store.relative(uri, f), skip)]
     h = hashlib.sha256()
     for file in files:
-        h.update(file.removeprefix(uri).encode())
+        h.update(store.relative(uri, file).encode())
         h.update(store.sha256(file).encode())
     return {"uri": uri, "sha256": h.hexdigest(), "files": len(files)}
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.core import downloads, layout, store, uris
+from stages.core import downloads, layout, manifest, store, uris
 from stages.core.errors import ConfigError, UserError
 
 if TYPE_CHECKING:  # torch loads only in stages that run a model, not in tokenize
@@ -29,6 +29,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
 # What transformers leaves in a tokenizer's model_max_length when nothing set it (its VERY_LARGE_INTEGER).
 UNSET_MODEL_MAX_LENGTH = int(1e30)
+# The files of a saved model that hold its weights (and training state). A stage that reads only the tokenizer
+# and the config (tokenize) neither hashes nor fetches them: a 70B model's weights are 140 GB.
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx")
 
 
 def check_base_model(value: str, field: str = "base_model") -> str:
@@ -39,9 +42,16 @@ def check_base_model(value: str, field: str = "base_model") -> str:
     return uris.normalize_uri(value, field) if uris.is_uri(value) else value
 
 
+def tokenizer_input(name: str) -> manifest.Input | str:
+    """A base model as the input of a stage that reads only its tokenizer and config: the weights are not
+    part of its identity (a hub model id is its name)."""
+    return manifest.Input(name, WEIGHT_FILES) if uris.is_uri(name) else name
+
+
 @contextmanager
-def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
-    """A local folder (or a hub id) that ``from_pretrained`` accepts, for a URI or a hub id."""
+def model_dir(name: str, field: str = "base_model", weights: bool = True) -> Iterator[str]:
+    """A local folder (or a hub id) that ``from_pretrained`` accepts, for a URI or a hub id; without the
+    weight files where ``weights`` is False (enough for the tokenizer and the config)."""
     if not uris.is_uri(name):
         yield name
         return
@@ -49,7 +59,7 @@ def model_dir(name: str, field: str = "base_model") -> Iterator[str]:
     config_uri = uris.join(uri, "config.json")
     if not store.exists(config_uri):
         raise UserError(f"{field}={name!r} is not a saved model: {config_uri} does not exist")
-    with downloads.local_copy(uri) as path:
+    with downloads.local_copy(uri, skip=() if weights else WEIGHT_FILES) as path:
         yield str(path)
 
 

@@ -96,7 +96,7 @@ class StageRun:
 def run_stage(
     name: str,
     config_cls: type[StageConfig],
-    inputs: Callable[[Any], dict[str, str]],
+    inputs: Callable[[Any], dict[str, str | manifest.Input]],
     work: Callable[[Any, StageRun], dict[str, Any]],
     argv: list[str] | None = None,
 ) -> int:
@@ -223,12 +223,13 @@ def _attempt(name, config_cls, inputs_fn, work, config, attempt: costs.Attempt) 
 
     input_uris = inputs_fn(config)
     input_hashes = {}
-    for field, uri in input_uris.items():
+    for field, value in input_uris.items():
+        uri, skip = (value.uri, value.skip) if isinstance(value, manifest.Input) else (value, ())
         if not uris.is_uri(uri):  # a hub model id: its name is its identity
             input_hashes[field] = {"id": uri, "sha256": uri}
             continue
         try:
-            input_hashes[field] = manifest.hash_input(uris.normalize_uri(uri, field), field)
+            input_hashes[field] = manifest.hash_input(uris.normalize_uri(uri, field), field, skip)
         except InputNotFound:
             raise  # names the field and says what is missing (nothing there, or a folder or glob with no files)
         except FileNotFoundError:

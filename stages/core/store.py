@@ -239,6 +239,13 @@ def _expand_local(uri: str, field: str) -> list[str]:
     return sorted(f"file://{path}" for path in files)
 
 
+def relative(uri: str, found: str) -> str:
+    """The path of ``found``, a URI that :func:`expand` gave for ``uri``, relative to ``uri`` (a file that
+    ``uri`` names itself is ""; a file a glob matches keeps its whole path)."""
+    base = uri.partition("://")[2].strip("/")
+    return found.partition("://")[2].lstrip("/").removeprefix(base).lstrip("/")
+
+
 def _rebase(uri: str, path: str, found: str) -> str:
     """The URI of ``found``, a path the filesystem listed for ``uri`` (whose own path is ``path``), spelled
     like ``uri``: ``abfs://container@account.dfs.core.windows.net/x`` keeps the account that the

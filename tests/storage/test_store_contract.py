@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from stages.core import checkpoints, downloads, manifest, retries, store, uris
+from stages.core import checkpoints, downloads, manifest, models, retries, store, uris
 from stages.core.errors import StoreError, UserError
 
 pytestmark = pytest.mark.storage
@@ -268,6 +268,36 @@ def test_downloads_of_committed_outputs_follow_the_manifest_and_check_its_hashes
         downloads.local_copy(uris.join(out, "model")),
     ):
         pass
+
+
+@pytest.mark.parametrize("arrives", ["committed by a stage", "as a plain folder"])
+def test_a_stage_that_reads_only_the_tokenizer_neither_hashes_nor_fetches_the_weights(mem, arrives):
+    def saved(name: str, weights: bytes, tokenizer: str) -> str:
+        out = uris.join(mem, f"runs/{name}/base_model")
+        folder = uris.join(out, "model") if arrives == "committed by a stage" else uris.join(mem, f"models/{name}")
+        store.write_text(uris.join(folder, "config.json"), "{}")
+        store.write_text(uris.join(folder, "tokenizer.json"), tokenizer)
+        store.write_bytes(uris.join(folder, "model-00001-of-00002.safetensors"), weights)
+        store.write_bytes(uris.join(folder, "sub/optimizer.pt"), weights)
+        if arrives == "committed by a stage":
+            manifest.commit(out, {"stage": "base_model", "cache_key": name})
+        return folder
+
+    model = saved("a", b"\0" * 1000, '{"v": 1}')
+    retrained = saved("b", b"\1" * 1000, '{"v": 1}')
+    retokenized = saved("c", b"\0" * 1000, '{"v": 2}')
+    identity = {
+        uri: manifest.hash_input(uri, skip=models.WEIGHT_FILES)["sha256"] for uri in (model, retrained, retokenized)
+    }
+    assert identity[model] == identity[retrained] != identity[retokenized]
+    assert manifest.hash_input(model)["sha256"] != manifest.hash_input(retrained)["sha256"]  # whole, they differ
+    with downloads.local_copy(model, skip=models.WEIGHT_FILES) as path:
+        assert sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) == [
+            "config.json",
+            "tokenizer.json",
+        ]
+    with downloads.local_copy(model) as path:
+        assert len([p for p in path.rglob("*") if p.is_file()]) == 4
 
 
 def test_a_half_uploaded_checkpoint_is_never_used(mem, tmp_path):
