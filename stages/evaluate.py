@@ -671,13 +671,15 @@ def evaluate_sft(
     device: torch.device,
 ) -> dict[str, Any]:
     tokenizer = renderer.tokenizer
-    kept, examples, prompts, references = [], [], [], []
+    trainable = []
     for turns in conversations:
         try:
             chat.check_trainable(turns)
         except chat.Dropped:
             continue  # tokenize holds out only trainable ones; a hand-made file may not
-        ids, labels = renderer.example(turns)
+        trainable.append(turns)
+    kept, examples, prompts, references = [], [], [], []
+    for turns, (ids, labels) in zip(trainable, renderer.examples(trainable), strict=True):
         prompt = renderer.prompt_ids(turns[:-1])
         if len(ids) > context or len(prompt) + config.sample_max_new_tokens > context:
             continue  # tokenize kept it for a block that fit; it does not fit with room to generate

@@ -1152,7 +1152,7 @@ def read_conversations(files: list[str], config: TokenizeConfig) -> tuple[list[l
     fields = chat.Fields(config.messages_field, config.prompt_field, config.completion_field)
     counts: Counter = Counter()
     kept: list[list[dict[str, str]]] = []
-    seen: set[str] = set()
+    seen: set[tuple[tuple[str, str], ...]] = set()
     first_bad = ""
     for uri in files:
         for number, record, problem in read_objects(uri, config):

@@ -17,7 +17,7 @@ Used by tokenize (render, label, pack), evaluate and batch_infer (prompts with t
 from __future__ import annotations
 
 import bisect
-import json
+import contextlib
 import operator
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -333,7 +333,8 @@ class Renderer:
         one before labelled; labelling stays in input order."""
         done: list[tuple[list[int], list[int]]] = []
         marked = self._marked is not None and self.train_on != "all"
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-tokenize") as pool:
+        one_batch = len(conversations) <= ENCODE_BATCH  # nothing to overlap: tokenized on this thread
+        with contextlib.nullcontext(_Inline()) if one_batch else ThreadPoolExecutor(1, "sft-tokenize") as pool:
             previous = None
             for at in range(0, len(conversations), ENCODE_BATCH):
                 batch = conversations[at : at + ENCODE_BATCH]
@@ -408,6 +409,16 @@ class Renderer:
                     break
 
 
+class _Inline:
+    """``submit`` of an executor that runs the call at once, on the calling thread."""
+
+    @staticmethod
+    def submit(fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
 def _common_prefix(a: str, b: str) -> str:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -417,9 +428,10 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:n]
 
 
-def canonical(turns: list[dict[str, str]]) -> str:
-    """One string per distinct conversation (for deduplication)."""
-    return json.dumps(turns, ensure_ascii=False, separators=(",", ":"))
+def canonical(turns: list[dict[str, str]]) -> tuple[tuple[str, str], ...]:
+    """One key per distinct conversation (for deduplication in memory), made of the turns' own strings (no
+    copy of the text): what :func:`conversation` makes of a record is its role and content per turn."""
+    return tuple((turn["role"], turn["content"]) for turn in turns)
 
 
 # ---------------------------------------------------------------------------------------------
