@@ -218,6 +218,16 @@ def decoded_lines(uri: str, start: int = 0, stop: int | None = None) -> Iterator
 
     Line numbers count from the range's first line. Ranges that tile a file give every line to exactly one.
     """
+    for first, lines, invalid in decoded_chunks(uri, start, stop):
+        for i, line in enumerate(lines):
+            yield first + i, line, invalid is not None and invalid[i]
+
+
+def decoded_chunks(
+    uri: str, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, list[str], list[bool] | None]]:
+    """:func:`decoded_lines` a megabyte of lines at a time: (number of the first line, the lines, which of
+    them held invalid UTF-8, or None when none did)."""
     # Decoding line by line is exact: byte 0x0A never occurs inside a multi-byte UTF-8 sequence. So is
     # decoding a chunk of whole lines at once, which costs far less per line; only a chunk that holds
     # invalid UTF-8 is decoded line by line, to flag and replace exactly the lines that hold it.
@@ -240,31 +250,25 @@ def decoded_lines(uri: str, start: int = 0, stop: int | None = None) -> Iterator
             try:
                 lines = b"".join(chunk).decode("utf-8").split("\n")
             except UnicodeDecodeError:
-                for raw in chunk:
-                    number += 1
-                    text, invalid = decode(raw)
-                    yield number, text, invalid
+                texts, invalid = map(list, zip(*map(decode, chunk), strict=True))
+                yield number + 1, texts, invalid
+                number += len(texts)
                 continue
             last = lines.pop()  # "" when the chunk ends with a newline, else the file's unterminated last line
-            for line in lines:
-                number += 1
-                yield number, line + "\n", False
+            lines = [line + "\n" for line in lines]
             if last:
-                number += 1
-                yield number, last, False
+                lines.append(last)
+            yield number + 1, lines, None
+            number += len(lines)
 
 
-def read_text(uri: str, unit: str, start: int = 0, stop: int | None = None) -> Iterator[RawRecord]:
+def read_text(uri: str, unit: str) -> Iterator[RawRecord]:
+    """The records of a text file read whole or by paragraph (by line: :func:`text_lines`)."""
     if unit == "file":
         with store.open_file(uri, "rb") as fh:
             text, invalid = decode(without_bom(uri, fh.read()))
         if text.strip():
             yield RawRecord(1, text, invalid)
-        return
-    if unit == "line":
-        for number, line, invalid in decoded_lines(uri, start, stop):
-            if line.strip():
-                yield RawRecord(number, line, invalid)
         return
     lines: list[str] = []
     start, invalid = 0, False
@@ -356,7 +360,7 @@ def read_records(uri: str, config: TokenizeConfig, start: int = 0, stop: int | N
         return read_jsonl(uri, config.text_field, start, stop)
     if fmt == "parquet":
         return read_parquet(uri, config.text_field, start, stop)
-    return read_text(uri, config.text_unit, start, stop)
+    return read_text(uri, config.text_unit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,8 +482,19 @@ def older_objects_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def record_batches(piece: Piece, config: TokenizeConfig) -> Iterator[list[RawRecord]]:
+class TextLines(NamedTuple):
+    """A group of the non-blank lines of a text file read with ``text_unit=line``: records that cannot be
+    unusable, so they need no record each (the hot path of plain-text corpora)."""
+
+    texts: list[str]
+    invalid_utf8: int  # how many of them held invalid UTF-8
+
+
+def record_batches(piece: Piece, config: TokenizeConfig) -> Iterator[list[RawRecord] | TextLines]:
     """The raw records of a piece, in groups of at most CLEAN_BATCH records or about CLEAN_BATCH_CHARS characters."""
+    if config.text_unit == "line" and file_format(piece.uri, config.input_format) == "text":
+        yield from text_lines(piece)
+        return
     records: list[RawRecord] = []
     chars = 0
     for record in read_records(piece.uri, config, piece.start, piece.stop):
@@ -490,6 +505,20 @@ def record_batches(piece: Piece, config: TokenizeConfig) -> Iterator[list[RawRec
             records, chars = [], 0
     if records:
         yield records
+
+
+def text_lines(piece: Piece) -> Iterator[TextLines]:
+    """:func:`record_batches` of a text file read line by line: a megabyte's lines at a time, in groups of at
+    most CLEAN_BATCH."""
+    for _, lines, invalid in decoded_chunks(piece.uri, piece.start, piece.stop):
+        if invalid is None:
+            texts, flagged = [line for line in lines if line.strip()], None
+        else:
+            pairs = [(line, bad) for line, bad in zip(lines, invalid, strict=True) if line.strip()]
+            texts, flagged = [line for line, _ in pairs], [bad for _, bad in pairs]
+        for at in range(0, len(texts), CLEAN_BATCH):
+            bad = 0 if flagged is None else sum(flagged[at : at + CLEAN_BATCH])
+            yield TextLines(texts[at : at + CLEAN_BATCH], bad)
 
 
 class Corpus:
@@ -504,10 +533,16 @@ class Corpus:
         self.seen: set[str] = set()  # holds the same string objects as docs: no second copy of the corpus
         self.first_bad = ""
 
-    def add(self, piece: Piece, records: list[RawRecord]) -> None:
+    def add(self, piece: Piece, records: list[RawRecord] | TextLines) -> None:
         """Count a batch of records from ``piece``, clean the usable ones and keep those that pass the filters."""
         kept_from = len(self.docs)
-        self.keep(clean_many(self.usable_texts(piece, records), self.config.normalization))
+        if isinstance(records, TextLines):
+            self.counts["records_read"] += len(records.texts)
+            self.counts["records_with_invalid_utf8"] += records.invalid_utf8
+            usable = records.texts
+        else:
+            usable = self.usable_texts(piece, records)
+        self.keep(clean_many(usable, self.config.normalization))
         if self.on_documents is not None and len(self.docs) > kept_from:
             self.on_documents(self.docs[kept_from:])
 
