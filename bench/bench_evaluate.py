@@ -1,5 +1,5 @@
 """evaluate: the stage's evaluated tokens/s vs lm-evaluation-harness on the same model, adapter and text, and
-on held-out conversations (task=sft) vs a plain transformers loop.
+on held-out conversations (task=sft) vs lm-evaluation-harness and a plain transformers loop.
 
     python -m bench.run --only evaluate,evaluate_sft
 
@@ -34,8 +34,16 @@ records, an adapter trained on the conversations):
   the conversation's loss tokens, summed. Base + adapter (the ``PeftModel``), then the base
   (``disable_adapter``), as ours. Rendering is outside the clock, as on our side.
 
-Tokens evaluated count every token of each conversation fed to the model, once per model. The assistant
-perplexity of both models must agree within 0.5%.
+- ``lm_eval_sft``: lm-evaluation-harness's ``HFLM.loglikelihood`` (the first round's baseline, as a user
+  scores a chat with it): one request per assistant turn, the conversation before it rendered with the
+  generation prompt as the context, the turn's content and ``<|im_end|>`` as the continuation; base + adapter
+  (``peft=``) and the base, batch size 8. lm-eval moves the context's trailing newline into the
+  continuation, so it scores that token too; for the perplexity check only (outside the clock), that
+  newline's log-likelihood, also scored by lm-eval, is subtracted.
+
+Tokens evaluated count every token of each conversation fed to the model, once per model (lm-eval feeds the
+turns before an assistant turn once per turn; it is credited with the conversation's tokens, as the others).
+The assistant perplexity of both models must agree within 0.5%.
 """
 
 from __future__ import annotations

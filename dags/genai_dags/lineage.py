@@ -96,14 +96,15 @@ def read_manifest(uri: str) -> dict[str, Any] | None:
 
 
 def _inputs(manifest: dict[str, Any], arguments: Any) -> list[tuple[str, str | None]]:
-    """``[(URI or hub id, content hash)]``: the manifest's inputs when it has any, else the arguments'."""
+    """``[(URI or hub id, content hash)]``: the manifest's inputs when it has any, else the arguments'. An input
+    the stage counted only in part (tokenize: a model's tokenizer, ``without`` its weights) has no version."""
     records = manifest.get("inputs")
     if not isinstance(records, dict):
         return [(uri, None) for uri in _uri_arguments(arguments).values()]
     found = []
     for record in records.values():
         if isinstance(record, dict) and record.get("uri"):
-            found.append((record["uri"], record.get("sha256")))
+            found.append((record["uri"], None if record.get("without") else record.get("sha256")))
         elif isinstance(record, dict) and record.get("id"):
             found.append((record["id"], None))  # a hub id: its name is its identity
     return found

@@ -71,13 +71,15 @@ def skipped(relative: str, skip: tuple[str, ...]) -> bool:
 
 def hash_input(uri: str, field: str = "uri", skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Content identity of one input: a committed stage output (or a folder or file inside one), a folder
-    or glob of files, or one file; files that match ``skip`` (see :class:`Input`) are left out.
+    or glob of files, or one file; files that match ``skip`` (see :class:`Input`) are left out, and the
+    record says so (``without``): its hash is not the content hash of the whole input.
 
     A committed stage output is identified by its manifest's output hashes, so downstream stages
     never re-read gigabytes to hash them, and never list it. Anything else is listed by
     :func:`stages.core.store.expand`: a URI that names no file is :class:`~stages.core.errors.InputNotFound`
     naming ``field``.
     """
+    partial = {"without": list(skip)} if skip else {}
     covering = None if uris.is_glob(uri) else _covering_manifest(uri)
     if covering is not None:
         committed, sub = covering
@@ -86,13 +88,13 @@ def hash_input(uri: str, field: str = "uri", skip: tuple[str, ...] = ()) -> dict
         files = {rel: digest for rel, digest in _files_below(committed, sub).items() if not skipped(rel, skip)}
         if files:
             digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-            return {"uri": uri, "sha256": digest, "committed_by": committed["stage"], "files": len(files)}
+            return {"uri": uri, "sha256": digest, "committed_by": committed["stage"], "files": len(files), **partial}
     files = [f for f in store.expand(uri, field) if not skipped(store.relative(uri, f), skip)]
     h = hashlib.sha256()
-    for file in files:
-        h.update(store.relative(uri, file).encode())
+    for file in files:  # adapters record their base model's identity: its form never changes
+        h.update(file.removeprefix(uri).encode())
         h.update(store.sha256(file).encode())
-    return {"uri": uri, "sha256": h.hexdigest(), "files": len(files)}
+    return {"uri": uri, "sha256": h.hexdigest(), "files": len(files), **partial}
 
 
 def committed_files(uri: str) -> dict[str, str] | None:

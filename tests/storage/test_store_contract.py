@@ -272,32 +272,50 @@ def test_downloads_of_committed_outputs_follow_the_manifest_and_check_its_hashes
 
 @pytest.mark.parametrize("arrives", ["committed by a stage", "as a plain folder"])
 def test_a_stage_that_reads_only_the_tokenizer_neither_hashes_nor_fetches_the_weights(mem, arrives):
-    def saved(name: str, weights: bytes, tokenizer: str) -> str:
-        out = uris.join(mem, f"runs/{name}/base_model")
-        folder = uris.join(out, "model") if arrives == "committed by a stage" else uris.join(mem, f"models/{name}")
+    names = iter(range(10))
+
+    def saved(weights: bytes, tokenizer: str) -> str:
+        """A model folder: each one committed by its own run, or one plain folder written over."""
+        out = uris.join(mem, f"runs/r{next(names)}/base_model")
+        folder = uris.join(out, "model") if arrives == "committed by a stage" else uris.join(mem, "models/m")
         store.write_text(uris.join(folder, "config.json"), "{}")
         store.write_text(uris.join(folder, "tokenizer.json"), tokenizer)
         store.write_bytes(uris.join(folder, "model-00001-of-00002.safetensors"), weights)
         store.write_bytes(uris.join(folder, "sub/optimizer.pt"), weights)
         if arrives == "committed by a stage":
-            manifest.commit(out, {"stage": "base_model", "cache_key": name})
+            manifest.commit(out, {"stage": "base_model", "cache_key": out})
         return folder
 
-    model = saved("a", b"\0" * 1000, '{"v": 1}')
-    retrained = saved("b", b"\1" * 1000, '{"v": 1}')
-    retokenized = saved("c", b"\0" * 1000, '{"v": 2}')
-    identity = {
-        uri: manifest.hash_input(uri, skip=models.WEIGHT_FILES)["sha256"] for uri in (model, retrained, retokenized)
-    }
-    assert identity[model] == identity[retrained] != identity[retokenized]
-    assert manifest.hash_input(model)["sha256"] != manifest.hash_input(retrained)["sha256"]  # whole, they differ
-    with downloads.local_copy(model, skip=models.WEIGHT_FILES) as path:
+    def identity(weights: bytes, tokenizer: str, skip: tuple[str, ...] = models.WEIGHT_FILES) -> str:
+        return manifest.hash_input(saved(weights, tokenizer), skip=skip)["sha256"]
+
+    model = identity(b"\0" * 1000, '{"v": 1}')
+    assert identity(b"\1" * 1000, '{"v": 1}') == model  # retrained: the same tokenizer
+    assert identity(b"\0" * 1000, '{"v": 2}') != model  # another tokenizer
+    assert identity(b"\0" * 1000, '{"v": 1}', skip=()) != identity(b"\1" * 1000, '{"v": 1}', skip=())  # whole
+    folder = saved(b"\0" * 1000, '{"v": 1}')
+    assert manifest.hash_input(folder, skip=models.WEIGHT_FILES)["without"] == list(models.WEIGHT_FILES)
+    with downloads.local_copy(folder, skip=models.WEIGHT_FILES) as path:
         assert sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) == [
             "config.json",
             "tokenizer.json",
         ]
-    with downloads.local_copy(model) as path:
+    with downloads.local_copy(folder) as path:
         assert len([p for p in path.rglob("*") if p.is_file()]) == 4
+
+
+def test_the_identity_of_a_folder_keeps_its_form(tmp_path):
+    """An adapter records its base model's identity (training_base.json), and batch_infer, evaluate and publish
+    refuse it on a base whose identity differs: a change in how a folder's identity is computed would refuse
+    every adapter trained before it. The form: sha256 over each file's path below the folder and its sha256."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "sub" / "weights.bin").write_bytes(b"\0")
+    expected = hashlib.sha256()
+    for rel, data in (("/config.json", b"{}"), ("/sub/weights.bin", b"\0")):
+        expected.update(rel.encode())
+        expected.update(hashlib.sha256(data).hexdigest().encode())
+    assert manifest.hash_input(f"file://{tmp_path}")["sha256"] == expected.hexdigest()
 
 
 def test_a_half_uploaded_checkpoint_is_never_used(mem, tmp_path):
