@@ -218,7 +218,7 @@ trigger:
 	PYTHONPATH=dags $(PYTHON) -m genai_dags.trigger "$(CONF)" --dag "$(DAG)" --url "$(AIRFLOW_URL)" $(if $(WAIT),--wait)
 
 # ---- Benchmarks (bench/; the table goes to docs/benchmarks.md) ----
-#   make bench          every stage vs its baseline, side by side, on CPU (about 12 minutes on 2 cores)
+#   make bench          every stage vs its baseline, side by side, on CPU (about 21 minutes on 2 cores)
 #   make bench-quick    the same machinery at toy sizes (a smoke test; the numbers mean nothing)
 #   make bench-clean    forget the cached bench models and data (artifacts/bench), lm-eval and TRL
 # The GPU benchmark is one script for a GPU machine: python bench/gpu_lora_mfu.py (see docs/benchmarks.md).
